@@ -1,0 +1,240 @@
+"""The edgecli command line: one thin typer command per stage.
+
+Each command loads the config, calls one stage function, renders its result. Heavy libraries
+(torch, onnxruntime) are imported inside the stage functions, so ``edgecli --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgecli import __version__
+from edgecli.errors import EXIT_INTERRUPTED, EdgeError, NotImplementedStage, debug_enabled, report
+
+app = typer.Typer(
+    name="edgecli",
+    help="Train -> compress -> export -> bench -> infer: neural networks for edge devices, measured.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+STAGE_MODULES = {
+    "train": "edgecli.stages.train",
+    "compress": "edgecli.stages.compress",
+    "export": "edgecli.stages.export",
+    "bench": "edgecli.stages.bench",
+    "infer": "edgecli.stages.infer",
+}
+
+# Options shared by every stage command, defined once.
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML file", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: key.path=value (repeatable)")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="rerun even if config and inputs are unchanged")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or status lines on stderr")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="show library warnings and logs")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the resolved config and exit")]
+
+
+def _version(value: bool):
+    if value:
+        print(f"edgecli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+):
+    """edgecli: each subcommand reads one YAML config and passes ONNX artifacts to the next stage."""
+
+
+def _setup(quiet: bool, verbose: bool) -> None:
+    import logging
+    import warnings
+
+    from edgecli.report import set_quiet
+
+    set_quiet(quiet)
+    if verbose:
+        os.environ["EDGECLI_VERBOSE"] = "1"
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    else:
+        warnings.filterwarnings("ignore")  # library deprecation chatter stays off the terminal
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame):  # let cleanup (temp dirs, locks) run as for Ctrl-C
+    raise KeyboardInterrupt
+
+
+def _stage_module(stage: str):
+    name = STAGE_MODULES[stage]
+    if importlib.util.find_spec(name) is None:
+        raise NotImplementedStage(f"`edgecli {stage}` is not implemented yet")
+    return importlib.import_module(name)
+
+
+def _render(res, json_out: bool) -> None:
+    from edgecli.report import fmt_bytes, info, print_json, render_table
+
+    if json_out:
+        print_json(res.to_json())
+    else:
+        for t in res.tables:
+            render_table(t.title, t.columns, t.rows)
+    for m in res.messages:
+        info(m)
+    if res.status == "done" and res.dir is not None:
+        main_file = next((f for f in ("model.onnx", "results.json") if f in res.outputs), None)
+        size = f", {fmt_bytes(res.outputs[main_file])}" if main_file else ""
+        where = res.dir / main_file if main_file else res.dir
+        info(f"{res.stage} done in {res.seconds:.1f} s{size}, {where}")
+    if res.failure:
+        print(f"check failed: {res.failure}", file=sys.stderr)
+
+
+def _invoke(stage: str, config: Path, sets: list[str] | None, *, force=False, json_out=False, quiet=False,
+            verbose=False, dry_run=False, **kwargs) -> None:
+    _setup(quiet, verbose)
+    try:
+        from edgecli.config import dump_config, load_config
+
+        cfg = load_config(config, sets or [])
+        if dry_run:
+            sys.stdout.write(dump_config(cfg))
+            return
+        mod = _stage_module(stage)
+        from edgecli.artifacts import ArtifactStore
+
+        store = ArtifactStore.for_config(cfg)
+        res = mod.run(cfg, store, force=force, quiet=quiet, **kwargs)
+        _render(res, json_out)
+        code = res.exit_code
+    except (EdgeError, KeyboardInterrupt, MemoryError, OSError) as e:
+        if debug_enabled() and not isinstance(e, KeyboardInterrupt):
+            import traceback
+
+            traceback.print_exc()
+        code = report(e)
+        if code < 0:
+            raise
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def train(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its last checkpoint")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    dry_run: DryRunOpt = False,
+):
+    """Train the configured model on its dataset; publish model.onnx, weights and metrics."""
+    _invoke("train", config, set_, force=force, json_out=json_out, quiet=quiet, verbose=verbose, dry_run=dry_run,
+            resume=resume)
+
+
+@app.command()
+def compress(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    dry_run: DryRunOpt = False,
+):
+    """Prune, distill and quantize a model, keeping only what holds the accuracy and speed goals."""
+    _invoke("compress", config, set_, force=force, json_out=json_out, quiet=quiet, verbose=verbose, dry_run=dry_run)
+
+
+@app.command()
+def export(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    dry_run: DryRunOpt = False,
+):
+    """Build the deployable bundle: optimised model.onnx, model.ort, card.json, parity checked."""
+    _invoke("export", config, set_, force=force, json_out=json_out, quiet=quiet, verbose=verbose, dry_run=dry_run)
+
+
+@app.command()
+def bench(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="an earlier results.json to compare with")] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    dry_run: DryRunOpt = False,
+):
+    """Measure latency percentiles, throughput, memory, size and accuracy; enforce budgets."""
+    _invoke("bench", config, set_, force=force, json_out=json_out, quiet=quiet, verbose=verbose, dry_run=dry_run,
+            baseline=baseline)
+
+
+@app.command()
+def infer(
+    inputs: Annotated[list[str], typer.Argument(help="image files, .npy arrays, .csv rows, text, or - for JSON lines on stdin")],
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    dry_run: DryRunOpt = False,
+):
+    """Run the exported model on raw inputs and print top-k labels with probabilities."""
+    _invoke("infer", config, set_, json_out=json_out, quiet=quiet, verbose=verbose, dry_run=dry_run,
+            inputs=inputs, json_out_stream=json_out)
+
+
+@app.command()
+def validate(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+):
+    """Check a config: schema, and that every dataset, model and method name resolves."""
+    _setup(False, False)
+    try:
+        from edgecli.config import load_config
+        from edgecli.validate import check_names
+
+        cfg = load_config(config, set_ or [])
+        check_names(cfg)
+        print(f"{config}: ok")
+    except EdgeError as e:
+        raise typer.Exit(report(e)) from None
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""The pipeline config: one YAML file, validated by pydantic, overridable with --set.
+
+Errors are reported all at once, one line each, in the user's words:
+``configs/x.yaml:14 train.lr: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgecli.errors import ConfigError
+
+# --------------------------------------------------------------------------- schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class PreprocessConfig(_Strict):
+    """One preprocessing spec shared by train, calibration and infer."""
+
+    resize: tuple[int, int] | None = Field(None, description="[height, width] for image data")
+    channels: Literal[1, 3] | None = Field(None, description="convert images to 1 or 3 channels")
+    normalize: Literal["per_dataset", "none", "imagenet"] = "per_dataset"
+
+
+class DataConfig(_Strict):
+    dataset: str = "digits"
+    path: str | None = Field(None, description="file or directory for imagefolder/csv/npz/textcsv")
+    val_split: float = Field(0.2, ge=0.0, lt=0.9)
+    test_split: float = Field(0.2, ge=0.0, lt=0.9)
+    label_column: str = "label"
+    text_column: str = "text"
+    class_names: list[str] | None = None
+    max_samples: int | None = Field(None, gt=0)
+    # synthetic data: shape of one sample (C,H,W or F), classes and count
+    shape: list[int] | None = None
+    num_classes: int | None = Field(None, ge=2)
+    num_samples: int = Field(1000, gt=0)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+
+    @model_validator(mode="after")
+    def _splits(self):
+        if self.val_split + self.test_split >= 0.9:
+            raise ValueError("val_split + test_split must leave at least 10% for training")
+        return self
+
+
+class ModelConfig(_Strict):
+    arch: str = "cnn"
+    num_classes: int | None = Field(None, ge=2, description="default: the dataset's class count")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model class")
+
+
+class EarlyStoppingConfig(_Strict):
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch size (split across ranks under torchrun)")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: Literal["cosine", "none"] = "cosine"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    early_stopping: EarlyStoppingConfig | None = None
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    device: str = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    deterministic: bool = False
+    init_from: str | None = Field(None, description="safetensors file or a run directory's train stage")
+    freeze: list[str] = Field(default_factory=list, description="parameter name prefixes to freeze")
+    max_grad_norm: float | None = Field(None, gt=0)
+    opset: int = Field(17, ge=17, le=23)
+    parity_atol: float = Field(1e-4, gt=0)
+    dist_timeout_s: int = Field(300, ge=10, description="torchrun: seconds before a stuck rank ends the run")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        ok = v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
+        if not ok:
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+class CalibrationConfig(_Strict):
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    samples: int = Field(256, ge=1)
+    data: str | None = Field(None, description=".npy/.npz file of model inputs")
+
+
+class QuantizeConfig(_Strict):
+    mode: Literal["static", "dynamic", "fp16", "int4_weight_only", "auto"] = "static"
+    format: Literal["qdq", "qoperator"] = "qdq"
+    per_channel: bool = True
+    reduce_range: bool = False
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    block_size: int = Field(32, ge=16)
+    symmetric: bool = True
+    accuracy_level: int | None = Field(None, ge=0, le=4)
+    nodes_to_exclude: list[str] = Field(default_factory=list)
+    op_types: list[str] | None = None
+    force: bool = Field(False, description="keep this mode even if it is slower than its input")
+
+
+class StudentConfig(_Strict):
+    arch: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillConfig(_Strict):
+    teacher: str = Field("train", description="'train' or a path to a safetensors/train stage")
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the soft-target loss")
+    temperature: float = Field(4.0, gt=0)
+    student: StudentConfig | None = None
+    epochs: int = Field(10, ge=1)
+    lr: float | None = Field(None, gt=0)
+
+
+class PruneConfig(_Strict):
+    importance: Literal["l1", "l2", "taylor", "bn_scale"] = "l1"
+    ratio: float = Field(0.5, gt=0, lt=1)
+    target: Literal["ratio", "params", "macs"] = "ratio"
+    global_pruning: bool = False
+    iterative_steps: int = Field(1, ge=1)
+    ignore: list[str] | None = Field(None, description="module names kept whole (default: the classifier)")
+    finetune_epochs: int = Field(10, ge=0)
+    lr: float | None = Field(None, gt=0)
+    distill: DistillConfig | None = None
+    max_tries: int = Field(3, ge=1)
+
+
+class SparsityConfig(_Strict):
+    ratio: float = Field(0.5, gt=0, lt=1)
+    finetune_epochs: int = Field(0, ge=0)
+
+
+class StepConfig(_Strict):
+    prune: PruneConfig | None = None
+    distill: DistillConfig | None = None
+    quantize: QuantizeConfig | None = None
+    sparsity: SparsityConfig | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        set_ = [k for k in ("prune", "distill", "quantize", "sparsity") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError("each step must have exactly one of prune, distill, quantize, sparsity")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("prune", "distill", "quantize", "sparsity") if getattr(self, k) is not None)
+
+    @property
+    def options(self) -> BaseModel:
+        return getattr(self, self.kind)
+
+
+class CompressConfig(_Strict):
+    input: str = Field("train", description="a stage name or a path to an ONNX model")
+    steps: list[StepConfig] = Field(default_factory=list)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    objective: Literal["latency", "size"] = "latency"
+    threads: int = Field(1, ge=1)
+    eval_samples: int | None = Field(None, ge=1, description="validation samples used to score candidates")
+
+
+class ParityConfig(_Strict):
+    atol: float = Field(1e-4, gt=0)
+    samples: int = Field(256, ge=1)
+
+
+class ExportConfig(_Strict):
+    input: str | None = Field(None, description="stage name or .onnx path; default compress, else train")
+    opset: int | None = Field(None, ge=13, le=23)
+    optimize: bool = True
+    optimization_level: Literal["basic", "extended"] = "extended"
+    ort_format: bool = True
+    transformer_optimize: bool = False
+    parity: ParityConfig = Field(default_factory=ParityConfig)
+
+
+class BudgetConfig(_Strict):
+    model: str | None = Field(None, description="which benched model the budgets apply to (default: last)")
+    latency_p50_ms: float | None = Field(None, gt=0)
+    latency_p95_ms: float | None = Field(None, gt=0)
+    size_kb: float | None = Field(None, gt=0)
+    accuracy_min: float | None = Field(None, ge=0, le=1)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    peak_memory_mb: float | None = Field(None, gt=0)
+    max_regression: float | None = Field(None, gt=0, description="e.g. 0.1: fail if p95 is 10% worse than --baseline")
+
+
+class BenchConfig(_Strict):
+    models: list[str] = Field(default_factory=list, description="stage names or .onnx paths; default: all present")
+    torch_baseline: bool = True
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1])
+    threads: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1])
+    warmup: int = Field(50, ge=0)
+    runs: int = Field(500, ge=1)
+    min_time_s: float | None = Field(None, gt=0)
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    accuracy_samples: int | None = Field(None, ge=1)
+    budgets: BudgetConfig = Field(default_factory=BudgetConfig)
+
+
+class InferConfig(_Strict):
+    input: str = Field("export", description="stage name or .onnx path")
+    top_k: int = Field(3, ge=1)
+    batch_size: int = Field(64, ge=1)
+    threads: int = Field(1, ge=1)
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+class PipelineConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    artifacts_dir: str = "artifacts"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+
+    # where the config came from (not part of the schema)
+    _source: str = "<config>"
+    _base_dir: Path = Path(".")
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def resolve_path(self, p: str | Path) -> Path:
+        """A path from the config: absolute as given, relative to the current directory."""
+        return Path(p).expanduser()
+
+    def section(self, name: str) -> dict:
+        return getattr(self, name).model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- YAML with lines
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and remembers the line of every key path."""
+
+
+def _compose_lines(text: str, source: str) -> dict[str, int]:
+    """Map dotted key paths to 1-based line numbers; raise ConfigError on duplicate keys."""
+    lines: dict[str, int] = {}
+    dups: list[str] = []
+    root = yaml.compose(text, Loader=_LineLoader)
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for knode, vnode in node.value:
+                key = str(knode.value)
+                path = f"{prefix}.{key}" if prefix else key
+                line = knode.start_mark.line + 1
+                if key in seen:
+                    dups.append(f"{source}:{line} {path}: duplicate key (first set on line {seen[key]})")
+                seen[key] = line
+                lines[path] = line
+                walk(vnode, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                path = f"{prefix}.{i}"
+                lines[path] = item.start_mark.line + 1
+                walk(item, path)
+
+    if root is not None:
+        walk(root, "")
+    if dups:
+        raise ConfigError(dups)
+    return lines
+
+
+def _load_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a directory, expected a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not a text file (UTF-8 YAML expected)") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read ({e.strerror})") from None
+    try:
+        lines = _compose_lines(text, source)
+        data = yaml.load(text, Loader=_LineLoader)  # SafeLoader: no python tags
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = e.problem or e.context or "invalid YAML"
+        if "python/" in str(problem) or "could not determine a constructor" in str(problem):
+            problem = f"{problem} (edgecli only loads plain YAML; tags that build Python objects are refused)"
+        raise ConfigError(f"{where}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML ({e})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections (name, data, model, train, ...)")
+    return data, lines
+
+
+# --------------------------------------------------------------------------- --set overrides
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value (e.g. --set train.epochs=3)")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key path")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # not YAML: the raw string, validated by the schema like any other value
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an index of the list")
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
+        if node.get(part) is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) > len(node):
+            raise ConfigError(f"--set {key}: {last} is not an index of the list")
+        if int(last) == len(node):
+            node.append(value)
+        else:
+            node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is not a section")
+    return key
+
+
+# --------------------------------------------------------------------------- error rendering
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for 'did you mean')."""
+    model: Any = PipelineConfig
+    for part in loc:
+        cls = _as_model(model)
+        if cls is None:
+            if isinstance(part, int):
+                continue
+            return None
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return cls
+        model = _unwrap(field.annotation)
+    return _as_model(model)
+
+
+def _unwrap(ann: Any) -> Any:
+    origin = typing.get_origin(ann)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(ann):
+            if arg is not type(None):
+                inner = _unwrap(arg)
+                if _as_model(inner) is not None:
+                    return inner
+        return ann
+    if origin in (list, tuple):
+        args = typing.get_args(ann)
+        return _unwrap(args[0]) if args else ann
+    return ann
+
+
+def _as_model(x: Any) -> type[BaseModel] | None:
+    return x if isinstance(x, type) and issubclass(x, BaseModel) else None
+
+
+def _line_for(path: str, lines: dict[str, int]) -> int | None:
+    parts = path.split(".")
+    while parts:
+        p = ".".join(parts)
+        if p in lines:
+            return lines[p]
+        parts.pop()
+    return None
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _render(e: ValidationError, source: str, lines: dict[str, int], overridden: set[str]) -> list[str]:
+    out = []
+    for err in e.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        path = ".".join(str(p) for p in loc)
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            msg = "unknown key" + (did_you_mean(str(loc[-1]), parent.model_fields) if parent else "")
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("model_type",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        origin = "--set" if any(path == o or path.startswith(o + ".") for o in overridden) else None
+        if origin:
+            where = f"{source} --set"
+        else:
+            line = _line_for(path, lines)
+            where = f"{source}:{line}" if line else source
+        out.append(f"{where} {path or '<top>'}: {msg}")
+    # the same location can be reported once per union member; keep the first
+    seen, unique = set(), []
+    for line in out:
+        key = line.split(": ", 1)[0]
+        if key not in seen:
+            seen.add(key)
+            unique.append(line)
+    return unique
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+    """Load, override and validate a pipeline config. Raises ConfigError with every problem."""
+    path = Path(path)
+    raw, lines = _load_yaml(path)
+    overridden = {_apply_override(raw, item) for item in overrides}
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_render(e, str(path), lines, overridden)) from None
+    cfg._source = str(path)
+    cfg._base_dir = path.parent
+    return cfg
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,99 @@
+"""Datasets, seeded splits and the preprocessing spec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgecli.data.preprocess import PreprocessSpec
+from edgecli.errors import DataError
+from edgecli.registry import Entry, Registry
+
+DATASETS = Registry(
+    "dataset",
+    "data.dataset",
+    {
+        "digits": Entry("edgecli.data.datasets:load_digits", "scikit-learn's 8x8 handwritten digits (real, 1797 images)"),
+        "imagefolder": Entry("edgecli.data.datasets:load_imagefolder", "a folder of class sub-folders of images"),
+        "csv": Entry("edgecli.data.datasets:load_csv", "numeric feature columns + a label column"),
+        "npz": Entry("edgecli.data.datasets:load_npz", "arrays x and y in an .npz file"),
+        "synthetic": Entry("edgecli.data.datasets:load_synthetic", "seeded synthetic data of any shape"),
+        "textcsv": Entry("edgecli.data.text:load_textcsv", "text,label CSV for text classification"),
+    },
+)
+
+
+@dataclass
+class Split:
+    x: np.ndarray  # preprocessed model inputs (float32), or raw for text
+    y: np.ndarray
+    raw: np.ndarray  # the raw samples (as a user holds them)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    spec: PreprocessSpec
+    class_names: list[str]
+    kind: str
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def split_indices(y: np.ndarray, val: float, test: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded stratified split: every class is divided in the same proportions."""
+    rng = np.random.default_rng(seed)
+    tr, va, te = [], [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n_te = int(round(len(idx) * test))
+        n_va = int(round(len(idx) * val))
+        te.append(idx[:n_te])
+        va.append(idx[n_te : n_te + n_va])
+        tr.append(idx[n_te + n_va :])
+    out = tuple(np.sort(np.concatenate(p)) for p in (tr, va, te))
+    return out  # type: ignore[return-value]
+
+
+def load_raw(cfg):
+    """The pipeline's dataset as raw samples (RawDataset)."""
+    loader = DATASETS.load(cfg.data.dataset)
+    ds = loader(cfg.data)
+    if cfg.data.max_samples and len(ds) > cfg.data.max_samples:
+        rng = np.random.default_rng(cfg.seed)
+        keep = np.sort(rng.choice(len(ds), cfg.data.max_samples, replace=False))
+        ds.x, ds.y = ds.x[keep], ds.y[keep]
+    if len(ds) < 10:
+        raise DataError(f"{ds.source}: only {len(ds)} samples; need at least 10 to split train/val/test")
+    return ds
+
+
+def load_splits(cfg) -> Splits:
+    """Load the dataset, split it with the pipeline seed, fit preprocessing on train, apply to all."""
+    ds = load_raw(cfg)
+    tr, va, te = split_indices(ds.y, cfg.data.val_split, cfg.data.test_split, cfg.seed)
+    if len(tr) == 0:
+        raise DataError(f"{ds.source}: no training samples after the split")
+    if ds.kind == "text":
+        from edgecli.data.text import fit_text_spec
+
+        spec = fit_text_spec(cfg, ds)
+    else:
+        spec = PreprocessSpec.fit(ds.kind, ds.x[tr], cfg.data.preprocess)
+
+    def make(idx: np.ndarray) -> Split:
+        raw = ds.x[idx]
+        x = spec.apply(raw) if ds.kind != "text" else raw
+        return Split(x, ds.y[idx], raw)
+
+    return Splits(make(tr), make(va), make(te), spec, ds.class_names, ds.kind, ds.source)

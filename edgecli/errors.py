@@ -1,0 +1,110 @@
+"""Error types and the one table that maps them to a line and an exit code.
+
+Exit codes (documented in README.md):
+    0  success
+    1  a check failed: ONNX parity, a bench budget, a regression, an input that could not be answered
+    2  bad usage: config, command-line, data or model file the user must fix
+    130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class EdgeError(Exception):
+    """A failure the user can act on. Printed as one line, never as a traceback."""
+
+    exit_code = EXIT_USAGE
+    kind = "error"
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def lines(self) -> list[str]:
+        out = [f"{self.kind}: {self.message}"]
+        if self.hint:
+            out.append(f"hint: {self.hint}")
+        return out
+
+
+class ConfigError(EdgeError):
+    """One or more problems in the pipeline config; each problem is one line."""
+
+    kind = "config error"
+
+    def __init__(self, problems: list[str] | str, *, hint: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems), hint=hint)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.kind}: {p}" for p in self.problems]
+        if self.hint:
+            out.append(f"hint: {self.hint}")
+        return out
+
+
+class UsageError(EdgeError):
+    kind = "usage error"
+
+
+class DataError(EdgeError):
+    kind = "data error"
+
+
+class ModelFileError(EdgeError):
+    """A model or weights file that cannot be loaded safely (truncated, not ONNX, unsafe)."""
+
+    kind = "model error"
+
+
+class ArtifactError(EdgeError):
+    """A stage's input is missing or does not verify."""
+
+    kind = "artifact error"
+
+
+class LockError(EdgeError):
+    kind = "locked"
+
+
+class CheckFailed(EdgeError):
+    """A measured check did not hold (parity, budget, regression)."""
+
+    exit_code = EXIT_CHECK_FAILED
+    kind = "check failed"
+
+
+class NotImplementedStage(EdgeError):
+    kind = "not implemented yet"
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("EDGECLI_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def report(exc: BaseException) -> int:
+    """Print a known error as one line (plus an optional hint) on stderr; return its exit code."""
+    if isinstance(exc, EdgeError):
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted: stopped by Ctrl-C; nothing half-written was published", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, MemoryError):
+        print("error: out of memory; try a smaller batch_size", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    return -1  # unknown: caller re-raises so the traceback is shown

@@ -1,0 +1,195 @@
+"""torch -> ONNX export, guarded ONNX loading, parity checks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from edgecli.errors import CheckFailed, ModelFileError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """Keep the exporter's warnings and logs off the terminal (they show with -v / EDGECLI_VERBOSE)."""
+    if os.environ.get("EDGECLI_VERBOSE"):
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, lv in zip(loggers, levels):
+                lg.setLevel(lv)
+
+
+def export_onnx(model, example_inputs: tuple, path: Path, *, opset: int = 17,
+                input_names=(INPUT_NAME,), output_names=(OUTPUT_NAME,), dynamic_axes: dict | None = None) -> Path:
+    """Export ``model`` (eval mode) with a dynamic batch axis and weights inside the file.
+
+    Uses the TorchScript exporter: 0.1 s instead of 4-6 s for the dynamo exporter on these
+    models, it writes opset 17 (dynamo silently writes 18), and ONNX Runtime's transformer
+    optimizer recognises its graphs (MEASURED.md). The dynamo exporter is the fallback.
+    """
+    import torch
+
+    model.eval()
+    path = Path(path)
+    if dynamic_axes is None:
+        dynamic_axes = {n: {0: "batch"} for n in (*input_names, *output_names)}
+    with quiet_exporter(), torch.no_grad():
+        try:
+            torch.onnx.export(
+                model, example_inputs, str(path), dynamo=False, opset_version=opset,
+                input_names=list(input_names), output_names=list(output_names),
+                dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+        except Exception:  # noqa: BLE001 - fall back to the dynamo exporter for graphs TorchScript cannot trace
+            dims = {name: {0: torch.export.Dim("batch", min=1)} for name in input_names}
+            torch.onnx.export(
+                model, example_inputs, str(path), dynamo=True, opset_version=max(opset, 18),
+                input_names=list(input_names), output_names=list(output_names),
+                dynamic_shapes=tuple(dims[n] for n in input_names), external_data=False, verbose=False,
+            )
+    return path
+
+
+def model_bytes(path: Path) -> int:
+    """Size of an ONNX model including any external data files next to it."""
+    import onnx
+
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    seen = set()
+    for t in _external_tensors(m):
+        loc = dict((e.key, e.value) for e in t.external_data).get("location")
+        if loc and loc not in seen:
+            seen.add(loc)
+            p = path.parent / loc
+            if p.is_file():
+                total += p.stat().st_size
+    return total
+
+
+def _external_tensors(m):
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(m):
+        if t.HasField("data_location") and t.data_location == 1:  # TensorProto.EXTERNAL
+            yield t
+
+
+def check_external_data(m, model_path: Path) -> None:
+    """Refuse external data whose location escapes the model's directory (before reading it)."""
+    base = Path(model_path).resolve().parent
+    for t in _external_tensors(m):
+        loc = dict((e.key, e.value) for e in t.external_data).get("location", "")
+        if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in Path(loc).parts:
+            raise ModelFileError(f"{model_path}: external data location {loc!r} escapes the model's directory; refused")
+        target = (base / loc).resolve()
+        if base not in target.parents:
+            raise ModelFileError(f"{model_path}: external data {loc!r} resolves outside the model's directory; refused")
+        if not target.is_file():
+            raise ModelFileError(f"{model_path}: external data file {loc!r} is missing")
+
+
+def load_onnx(path: str | Path, *, load_external: bool = True):
+    """Load an ONNX model safely: clear errors for missing, truncated, non-ONNX or escaping files."""
+    import onnx
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such model file")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: not a file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read ({e.strerror})") from None
+    if not head:
+        raise ModelFileError(f"{path}: empty file, not an ONNX model")
+    if head.startswith(b"version https://git-lfs"):
+        raise ModelFileError(f"{path}: is a Git LFS pointer, not the model; run `git lfs pull`")
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # DecodeError and friends
+        raise ModelFileError(f"{path}: not a valid ONNX model (truncated or corrupt: {type(e).__name__})") from None
+    if not m.graph.node and not m.graph.output:
+        raise ModelFileError(f"{path}: not a valid ONNX model (empty graph)")
+    check_external_data(m, path)
+    if load_external:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(m, str(path.resolve().parent))
+        except Exception as e:
+            raise ModelFileError(f"{path}: cannot read external data ({type(e).__name__}: {e})") from None
+    return m
+
+
+def parity(ref: np.ndarray, got: np.ndarray, atol: float, what: str) -> dict:
+    """Compare two output arrays; return the numbers, raise CheckFailed beyond tolerance."""
+    from edgecli.metrics import max_abs_diff, top1_agreement
+
+    diff = max_abs_diff(ref, got)
+    agree = top1_agreement(ref, got)
+    res = {"max_abs_diff": diff, "top1_agreement": agree, "atol": atol, "samples": int(len(ref)), "passed": True}
+    if not (diff <= atol and agree == 1.0):
+        res["passed"] = False
+        raise CheckFailed(
+            f"{what}: ONNX output differs from PyTorch (max abs diff {diff:.3g} > atol {atol:g} "
+            f"or top-1 agreement {agree:.4f} < 1); nothing was published"
+        )
+    return res
+
+
+def set_metadata(path: Path, props: dict[str, object]) -> None:
+    """Write ``props`` into the model's metadata_props (values JSON-encoded unless str)."""
+    import json
+
+    import onnx
+
+    m = onnx.load(str(path))
+    existing = {p.key: p for p in m.metadata_props}
+    for k, v in props.items():
+        text = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+        if k in existing:
+            existing[k].value = text
+        else:
+            entry = m.metadata_props.add()
+            entry.key, entry.value = k, text
+    m.producer_name = "edgecli"
+    onnx.save(m, str(path))
+
+
+def get_metadata(model_or_path) -> dict[str, str]:
+    import onnx
+
+    m = model_or_path if isinstance(model_or_path, onnx.ModelProto) else load_onnx(model_or_path, load_external=False)
+    return {p.key: p.value for p in m.metadata_props}
+
+
+def model_info_from_onnx(path: Path) -> dict | None:
+    """edgecli's model description (preprocessing, labels, inputs) stored in a model's metadata."""
+    import json
+
+    meta = get_metadata(path)
+    text = meta.get("edgecli.model_info")
+    return json.loads(text) if text else None

@@ -1,0 +1,62 @@
+"""Name -> "module:attr" tables, imported on use, with "did you mean" for misspelled names."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgecli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Entry:
+    target: str  # "package.module:attr"
+    summary: str = ""
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+
+class Registry:
+    def __init__(self, kind: str, key: str, entries: dict[str, Entry]):
+        self.kind = kind  # "model", "dataset"
+        self.key = key  # the config key users set, e.g. "model.arch"
+        self.entries = entries
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries or ":" in name
+
+    def check(self, name: str) -> None:
+        """Raise a ConfigError naming the key if ``name`` is neither registered nor an import path."""
+        if name in self.entries or ":" in name:
+            return
+        from edgecli.config import did_you_mean
+
+        raise ConfigError(
+            f"{self.key}: unknown {self.kind} '{name}'{did_you_mean(name, self.entries)}; "
+            f"choose from {', '.join(self.names())} or give 'package.module:Class'"
+        )
+
+    def load(self, name: str) -> Any:
+        self.check(name)
+        target = self.entries[name].target if name in self.entries else name
+        return import_target(target, self.key)
+
+
+def import_target(target: str, key: str) -> Any:
+    mod_name, _, attr = target.partition(":")
+    if not mod_name or not attr:
+        raise ConfigError(f"{key}: '{target}' is not of the form 'package.module:Name'")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import '{mod_name}' ({e})") from None
+    try:
+        obj = mod
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except AttributeError:
+        raise ConfigError(f"{key}: '{mod_name}' has no attribute '{attr}'") from None

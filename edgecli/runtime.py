@@ -1,0 +1,62 @@
+"""The one place that opens ONNX Runtime sessions (providers, threads, optimisation level)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgecli.errors import ModelFileError
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def resolve_providers(requested: list[str] | None) -> tuple[list[str], list[str]]:
+    """(usable, skipped) providers; CPU is always appended as the fallback."""
+    avail = available_providers()
+    requested = requested or ["CPUExecutionProvider"]
+    usable = [p for p in requested if p in avail]
+    skipped = [p for p in requested if p not in avail]
+    if "CPUExecutionProvider" not in usable:
+        usable.append("CPUExecutionProvider")
+    return usable, skipped
+
+
+def make_session(path: str | Path, *, threads: int = 1, providers: list[str] | None = None,
+                 optimization: str = "all", log_errors_only: bool = True):
+    """An InferenceSession with explicit threads (intra-op) and sequential execution."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if log_errors_only:
+        so.log_severity_level = 3
+    usable, _ = resolve_providers(providers)
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=usable)
+    except Exception as e:
+        msg = str(e).splitlines()[0][:300]
+        raise ModelFileError(f"{path}: ONNX Runtime cannot load this model ({msg})") from None
+
+
+def run_batched(sess, x: np.ndarray | dict, batch_size: int = 256) -> np.ndarray:
+    """Run the first output over ``x`` in batches (x: one array, or a dict of named arrays)."""
+    if isinstance(x, dict):
+        n = len(next(iter(x.values())))
+        outs = [sess.run(None, {k: v[i : i + batch_size] for k, v in x.items()})[0] for i in range(0, n, batch_size)]
+    else:
+        name = sess.get_inputs()[0].name
+        outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0,))

@@ -1,0 +1,114 @@
+"""One module per stage, each exposing ``run(cfg, store, ...) -> StageResult``.
+
+Shared pieces are plain functions here: the result type and the publish-or-skip wrapper.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecli.artifacts import ArtifactStore, StageWriter
+from edgecli.errors import ArtifactError
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # "done" | "skipped"
+    dir: Path | None
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    outputs: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+    tables: list[Table] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)  # shown on stderr after the run
+    exit_code: int = 0
+    failure: str | None = None  # a failed check, reported after the results (exit 1)
+
+    def to_json(self) -> dict:
+        return {
+            "stage": self.stage,
+            "status": self.status,
+            "dir": str(self.dir) if self.dir else None,
+            "seconds": round(self.seconds, 3),
+            "metrics": self.metrics,
+            "outputs": self.outputs,
+            "details": self.details,
+            "messages": self.messages,
+            "exit_code": self.exit_code,
+            "failure": self.failure,
+        }
+
+
+def skipped_result(store: ArtifactStore, stage: str) -> StageResult:
+    m = store.manifest(stage)
+    return StageResult(
+        stage, "skipped", store.stage_dir(stage),
+        metrics=m.get("metrics", {}),
+        outputs={k: (store.stage_dir(stage) / k).stat().st_size for k in m.get("outputs", {})},
+        messages=[f"{stage} is up to date (config and inputs unchanged); skipped. Use --force to rerun."],
+    )
+
+
+def run_stage(store: ArtifactStore, stage: str, fingerprint: str, force: bool,
+              build: Callable[[StageWriter], tuple[dict, dict, dict]], *, command: str = "") -> StageResult:
+    """Lock the run, skip when up to date, build into a temp dir, publish atomically.
+
+    ``build(writer)`` writes files into ``writer.dir`` and returns (config_section, metrics, extra
+    manifest fields). Any exception (or Ctrl-C) discards the temp dir: nothing half-written is published.
+    """
+    with store.lock(command or f"edgecli {stage}"):
+        if not force and store.up_to_date(stage, fingerprint):
+            return skipped_result(store, stage)
+        t0 = time.time()
+        w = store.begin(stage)
+        try:
+            config, metrics, extra = build(w)
+            final = store.publish(w, config=config, fingerprint=fingerprint, metrics=metrics, extra=extra)
+        except BaseException:
+            store.discard(w)
+            raise
+        outputs = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
+        res = StageResult(stage, "done", final, time.time() - t0, metrics=metrics, outputs=outputs)
+        if getattr(store, "stale_lock_message", ""):
+            res.messages.append(store.stale_lock_message)
+        return res
+
+
+def resolve_input(store: ArtifactStore, ref: str | None, default_order: tuple[str, ...], key: str) -> tuple[str | None, Path]:
+    """A stage's input: (stage name or None, path to model.onnx).
+
+    ``ref`` is a stage name or a path to an .onnx file; when None, the first published stage in
+    ``default_order`` is used.
+    """
+    from edgecli.artifacts import STAGES
+
+    if ref is None:
+        for st in default_order:
+            if store.exists(st):
+                return st, store.require(st, "model.onnx")
+        raise ArtifactError(
+            f"{key}: none of {', '.join(default_order)} has been run for '{store.name}'",
+            hint=f"run `edgecli {default_order[-1]} -c <config>` first",
+        )
+    if ref in STAGES:
+        return ref, store.require(ref, "model.onnx")
+    p = Path(ref).expanduser()
+    if p.suffix.lower() not in (".onnx", ".ort") and not p.exists():
+        from edgecli.config import did_you_mean
+
+        raise ArtifactError(f"{key}: '{ref}' is neither a stage ({', '.join(STAGES[:3])}){did_you_mean(ref, STAGES)} nor a model file")
+    if not p.is_file():
+        raise ArtifactError(f"{key}: model file {p} does not exist")
+    return None, p

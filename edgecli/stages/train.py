@@ -1,0 +1,239 @@
+"""train: real data, a real loop with validation, checkpoints, transfer learning, DDP; ONNX out."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgecli import __version__
+from edgecli.artifacts import ArtifactStore, StageWriter, sha256_file, sha256_json, write_json_atomic
+from edgecli.config import PipelineConfig, dump_config
+from edgecli.errors import ArtifactError, CheckFailed, ConfigError, EdgeError
+from edgecli.stages import StageResult, Table, run_stage, skipped_result
+
+STAGE = "train"
+
+
+def fingerprint(cfg: PipelineConfig) -> str:
+    init = None
+    if cfg.train.init_from:
+        p = resolve_init_from(cfg.train.init_from)
+        init = sha256_file(p)
+    return sha256_json({
+        "stage": STAGE, "version": __version__, "seed": cfg.seed, "data": cfg.section("data"),
+        "model": cfg.section("model"), "train": cfg.section("train"), "init_from": init,
+    })
+
+
+def resolve_init_from(ref: str) -> Path:
+    """train.init_from: a weights file, a train stage directory, or a run directory."""
+    p = Path(ref).expanduser()
+    for cand in (p, p / "weights.safetensors", p / "train" / "weights.safetensors"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"train.init_from: no weights at {p} (give a .safetensors file or a train stage directory)")
+
+
+def model_info(cfg: PipelineConfig, splits, num_classes: int, model) -> dict:
+    io = getattr(model, "onnx_io", None)
+    input_names, output_names = (io()["input_names"], io()["output_names"]) if io else (["input"], ["logits"])
+    return {
+        "arch": cfg.model.arch,
+        "args": cfg.model.args,
+        "num_classes": num_classes,
+        "class_names": splits.class_names,
+        "kind": splits.kind,
+        "input_shape": splits.spec.input_shape,
+        "input_names": input_names,
+        "output_names": output_names,
+        "preprocess": splits.spec.to_dict(),
+    }
+
+
+def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: bool, checkpoint: Path | None,
+                        fp: str, device=None, dist=None):
+    """Build, initialise, freeze and fit the configured model; return (model, fit_result, notes)."""
+    from edgecli.models import build_model
+    from edgecli.training import apply_freeze, fit, load_matching, load_weights_file, seed_everything
+
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    num_classes = cfg.model.num_classes or splits.num_classes
+    if num_classes < splits.num_classes:
+        raise ConfigError(f"model.num_classes: {num_classes} is fewer than the dataset's {splits.num_classes} classes")
+    model = build_model(cfg.model.arch, splits.spec.input_shape, num_classes, cfg.model.args)
+    notes = []
+    if cfg.train.init_from:
+        wpath = resolve_init_from(cfg.train.init_from)
+        loaded, skipped = load_matching(model, load_weights_file(wpath))
+        if not loaded:
+            raise ConfigError(f"train.init_from: no tensor in {wpath} matches model '{cfg.model.arch}' by name and shape")
+        notes.append(f"initialised {len(loaded)} tensors from {wpath}" + (f"; {len(skipped)} not matching (new head?)" if skipped else ""))
+    frozen = apply_freeze(model, cfg.train.freeze)
+    if frozen:
+        notes.append(f"froze {frozen} parameter tensors ({', '.join(cfg.train.freeze)})")
+    res = fit(
+        model, splits.train.x, splits.train.y, splits.val.x, splits.val.y, cfg.train,
+        num_classes=num_classes, seed=cfg.seed, checkpoint=checkpoint, resume=resume, fingerprint=fp,
+        desc=f"train {cfg.name}", quiet=quiet, device=device, dist=dist,
+    )
+    return model, res, notes
+
+
+def save_model_files(w_dir: Path, model, cfg: PipelineConfig, info: dict, x_check, opset: int, atol: float,
+                     what: str) -> dict:
+    """weights.safetensors + model.onnx (with metadata), and the ORT-vs-PyTorch parity numbers."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edgecli.onnxio import export_onnx, parity, set_metadata
+    from edgecli.runtime import make_session, run_batched
+    from edgecli.training import predict_logits
+
+    model = model.cpu().eval()
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(w_dir / "weights.safetensors"))
+    io = getattr(model, "onnx_io", None)
+    if io:
+        spec = io()
+        export_onnx(model, spec["example_inputs"], w_dir / "model.onnx", opset=opset,
+                    input_names=spec["input_names"], output_names=spec["output_names"], dynamic_axes=spec.get("dynamic_axes"))
+    else:
+        example = torch.as_tensor(x_check[:1])
+        export_onnx(model, (example,), w_dir / "model.onnx", opset=opset)
+    set_metadata(w_dir / "model.onnx", {"edgecli.model_info": info, "edgecli.version": __version__,
+                                         "edgecli.pipeline": cfg.name})
+    sess = make_session(w_dir / "model.onnx", threads=1)
+    ref = predict_logits(model, x_check)
+    got = run_batched(sess, x_check)
+    return parity(ref, got, atol, what)
+
+
+def _metrics(model, splits, num_classes):
+    from edgecli.training import evaluate
+
+    val, _ = evaluate(model, splits.val.x, splits.val.y, num_classes)
+    test, _ = evaluate(model, splits.test.x, splits.test.y, num_classes)
+    return {"val": val, "test": test}
+
+
+def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resume: bool = False,
+        quiet: bool = False) -> StageResult:
+    from edgecli.training import dist_info
+
+    if dist_info().enabled:
+        return _run_distributed(cfg, store, force=force, resume=resume, quiet=quiet)
+    from edgecli.data import load_splits
+
+    fp = fingerprint(cfg)
+    state: dict = {}
+
+    def build(w: StageWriter):
+        splits = load_splits(cfg)
+        ckpt = store.checkpoint_dir(STAGE) / "last.pt"
+        if resume and not ckpt.is_file():
+            state["notes"] = [f"--resume: no checkpoint in {ckpt.parent}; starting from epoch 1"]
+        model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt, fp=fp)
+        state.setdefault("notes", []).extend(notes)
+        return _publishable(w, cfg, splits, model, fitres, state)
+
+    res = run_stage(store, STAGE, fp, force, build, command="edgecli train")
+    if res.status == "done":
+        with contextlib.suppress(OSError):
+            (store.checkpoint_dir(STAGE) / "last.pt").unlink()
+    return _result(res, state)
+
+
+def _publishable(w: StageWriter, cfg, splits, model, fitres, state: dict):
+    num_classes = cfg.model.num_classes or splits.num_classes
+    info = model_info(cfg, splits, num_classes, model)
+    metrics = _metrics(model, splits, num_classes)
+    par = save_model_files(w.dir, model, cfg, info, splits.test.x, cfg.train.opset, cfg.train.parity_atol,
+                           "train parity (ONNX Runtime vs PyTorch on the test split)")
+    write_json_atomic(w.path("metrics.json"), metrics)
+    (w.dir / "config.yaml").write_text(dump_config(cfg))
+    from edgecli.models.zoo import count_params
+
+    headline = {
+        "test_accuracy": metrics["test"]["accuracy"], "val_accuracy": metrics["val"]["accuracy"],
+        "test_f1_macro": metrics["test"]["f1_macro"], "params": count_params(model),
+        "epochs_run": fitres.epochs_run, "best_epoch": fitres.best_epoch, "stopped_early": fitres.stopped_early,
+        "train_seconds": round(fitres.seconds, 2), "parity_max_abs_diff": par["max_abs_diff"],
+        "parity_top1_agreement": par["top1_agreement"],
+    }
+    state.update(metrics=metrics, fit=fitres, parity=par)
+    extra = {"model_info": info, "parity": par, "history": fitres.history, "seed": cfg.seed,
+             "resumed_from_epoch": fitres.resumed_from_epoch, "data_source": splits.source,
+             "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}}
+    return cfg.section("train"), headline, extra
+
+
+def _result(res: StageResult, state: dict) -> StageResult:
+    res.messages = state.get("notes", []) + res.messages
+    m = res.metrics
+    if m:
+        rows = [[k, m.get(k)] for k in ("test_accuracy", "val_accuracy", "test_f1_macro", "params", "epochs_run",
+                                          "best_epoch", "parity_max_abs_diff", "parity_top1_agreement") if k in m]
+        res.tables.append(Table(f"train ({res.status})", ["metric", "value"], rows))
+    return res
+
+
+def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, quiet: bool) -> StageResult:
+    """torchrun: every rank trains on its shard; rank 0 alone locks, checkpoints and publishes."""
+    from edgecli.data import load_splits
+    from edgecli.training import barrier, broadcast_object, dist_info, init_distributed, pick_device
+
+    d = dist_info()
+    device = pick_device(cfg.train.device, d.local_rank)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
+    init_distributed(device, cfg.train.dist_timeout_s)
+    fp = fingerprint(cfg)
+    lock_cm = store.lock("torchrun edgecli train") if d.is_main else contextlib.nullcontext()
+    decision = "go"
+    err: BaseException | None = None
+    try:
+        lock_cm.__enter__()
+        if d.is_main and not force and store.up_to_date(STAGE, fp):
+            decision = "skip"
+    except EdgeError as e:
+        decision, err = f"error: {e.message}", e
+    decision = broadcast_object(decision)
+    if decision.startswith("error"):
+        if err is not None:
+            raise err
+        raise CheckFailed(f"rank {d.rank}: rank 0 stopped the run ({decision[7:]})")
+    try:
+        if decision == "skip":
+            return _result(skipped_result(store, STAGE), {}) if d.is_main else StageResult(STAGE, "skipped", None)
+        splits = load_splits(cfg)
+        ckpt = store.checkpoint_dir(STAGE) / "last.pt"
+        state: dict = {}
+        model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt,
+                                                   fp=fp, device=device, dist=d)
+        state["notes"] = notes + [f"trained with DistributedDataParallel on {d.world} processes"]
+        if not d.is_main:
+            barrier()
+            return StageResult(STAGE, "done", None)
+        import time
+
+        t0 = time.time()
+        w = store.begin(STAGE)
+        try:
+            config, metrics, extra = _publishable(w, cfg, splits, model, fitres, state)
+            extra["world_size"] = d.world
+            final = store.publish(w, config=config, fingerprint=fp, metrics=metrics, extra=extra)
+        except BaseException:
+            store.discard(w)
+            raise
+        with contextlib.suppress(OSError):
+            ckpt.unlink()
+        barrier()
+        outputs = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
+        return _result(StageResult(STAGE, "done", final, time.time() - t0, metrics=metrics, outputs=outputs), state)
+    finally:
+        if d.is_main:
+            lock_cm.__exit__(*sys.exc_info())

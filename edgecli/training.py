@@ -1,0 +1,447 @@
+"""The one training loop: fit, evaluate, checkpoint, resume, DDP under torchrun.
+
+Used by the train stage and by compression (pruning fine-tuning, distillation), which pass
+their own loss through ``loss_fn``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgecli.errors import CheckFailed, ConfigError, ModelFileError
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> Dist:
+    """Rank information from torchrun's environment (WORLD_SIZE/RANK/LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(device: torch.device, timeout_s: int) -> Dist:
+    d = dist_info()
+    if not d.enabled:
+        return d
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=timeout_s))
+    return d
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{local_rank}")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device: '{name}' requested but no CUDA device is available (use auto or cpu)")
+        if name == "cuda":
+            return torch.device(f"cuda:{local_rank}")
+        idx = int(name.split(":")[1])
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(f"train.device: '{name}' but only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device(name)
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device: 'mps' requested but not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def apply_freeze(model: nn.Module, prefixes: list[str]) -> int:
+    """Freeze parameters whose names start with any prefix; return how many tensors were frozen."""
+    if not prefixes:
+        return 0
+    names = [n for n, _ in model.named_parameters()]
+    frozen = 0
+    for prefix in prefixes:
+        hits = [n for n in names if n == prefix or n.startswith(prefix.rstrip(".") + ".")]
+        if not hits:
+            from edgecli.config import did_you_mean
+
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(f"train.freeze: '{prefix}' matches no parameter{did_you_mean(prefix.split('.')[0], tops)}; "
+                              f"top-level modules: {', '.join(tops)}")
+    for n, p in model.named_parameters():
+        if any(n == pr or n.startswith(pr.rstrip(".") + ".") for pr in prefixes):
+            p.requires_grad_(False)
+            frozen += 1
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("train.freeze: every parameter is frozen; nothing would train")
+    return frozen
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict without ever unpickling: safetensors, or torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelFileError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe payloads: refused, never retried unsafely
+        raise ModelFileError(
+            f"{path}: refused: not a plain tensor checkpoint ({type(e).__name__}); "
+            "edgecli never unpickles arbitrary objects — convert it to .safetensors"
+        ) from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelFileError(f"{path}: does not hold a state dict of tensors")
+    return obj
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy tensors whose name and shape match (transfer learning); return (loaded, skipped)."""
+    own = model.state_dict()
+    loaded, skipped = [], []
+    for k, v in state.items():
+        if k in own and own[k].shape == v.shape:
+            own[k] = v.to(own[k].dtype)
+            loaded.append(k)
+        else:
+            skipped.append(k)
+    model.load_state_dict(own)
+    return loaded, skipped
+
+
+def class_weights(y: np.ndarray, num_classes: int, spec) -> torch.Tensor | None:
+    if isinstance(spec, list):
+        if len(spec) != num_classes:
+            raise ConfigError(f"train.class_weights: give {num_classes} weights (one per class), got {len(spec)}")
+        return torch.tensor(spec, dtype=torch.float32)
+    if spec == "balanced":
+        counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+        w = len(y) / (num_classes * np.maximum(counts, 1))
+        return torch.tensor(w, dtype=torch.float32)
+    return None
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x, batch_size: int = 512, device: torch.device | None = None) -> np.ndarray:
+    """Logits for ``x`` (an array, or a dict of named arrays for multi-input models)."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    outs = []
+    if isinstance(x, dict):
+        n = len(next(iter(x.values())))
+        for i in range(0, n, batch_size):
+            batch = {k: torch.as_tensor(v[i : i + batch_size]).to(device) for k, v in x.items()}
+            outs.append(model(**batch).float().cpu().numpy())
+    else:
+        for i in range(0, len(x), batch_size):
+            outs.append(model(torch.as_tensor(x[i : i + batch_size]).to(device)).float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def evaluate(model: nn.Module, x, y: np.ndarray, num_classes: int, device=None) -> tuple[dict, np.ndarray]:
+    from edgecli.metrics import classification_metrics
+
+    logits = predict_logits(model, x, device=device)
+    return classification_metrics(y, logits.argmax(-1), num_classes), logits
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitResult:
+    best_val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    resumed_from_epoch: int | None
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class TrainingDiverged(CheckFailed):
+    kind = "training diverged"
+
+
+LossFn = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelFileError(f"{path}: checkpoint unreadable ({type(e).__name__}); rerun without --resume") from None
+
+
+def _batches(x, idx: np.ndarray):
+    if isinstance(x, dict):
+        return {k: torch.as_tensor(v[idx]) for k, v in x.items()}
+    return torch.as_tensor(x[idx])
+
+
+def fit(
+    model: nn.Module,
+    train_x,
+    train_y: np.ndarray,
+    val_x,
+    val_y: np.ndarray,
+    tcfg,
+    *,
+    num_classes: int,
+    seed: int,
+    epochs: int | None = None,
+    lr: float | None = None,
+    loss_fn: LossFn | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    fingerprint: str = "",
+    desc: str = "train",
+    quiet: bool = False,
+    device: torch.device | None = None,
+    dist: Dist | None = None,
+) -> FitResult:
+    """Train ``model`` in place and leave it holding the best validation weights.
+
+    ``tcfg`` is a TrainConfig (optimizer, schedule, early stopping, ...); ``epochs``/``lr``
+    override it (fine-tuning). Checkpoints go to ``checkpoint`` after every epoch, atomically;
+    ``resume`` continues from it when its fingerprint matches.
+    """
+    dist = dist or Dist()
+    device = device or torch.device("cpu")
+    epochs = epochs if epochs is not None else tcfg.epochs
+    lr = lr if lr is not None else tcfg.lr
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tcfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
+    n = len(train_y)
+    per_rank_batch = max(1, tcfg.batch_size // dist.world)
+    steps_per_epoch = max(1, math.ceil(n / (per_rank_batch * dist.world)))
+    total_steps = max(1, epochs * steps_per_epoch)
+    if tcfg.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    weights = class_weights(train_y, num_classes, tcfg.class_weights)
+    ce = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, label_smoothing=tcfg.label_smoothing)
+    if loss_fn is None:
+        def loss_fn(logits, xb, yb):  # noqa: E306
+            return ce(logits, yb)
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    net = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start_epoch, best_acc, best_epoch, best_state, history, resumed = 0, -1.0, -1, None, [], None
+    if resume and checkpoint is not None and checkpoint.is_file():
+        ck = _load_checkpoint(checkpoint)
+        if fingerprint and ck.get("fingerprint") != fingerprint:
+            raise ConfigError(f"--resume: the checkpoint in {checkpoint.parent} was made with another config; "
+                              "rerun without --resume (or restore the config)")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng"])
+        start_epoch, best_acc, best_epoch = int(ck["epoch"]) + 1, float(ck["best_val"]), int(ck["best_epoch"])
+        best_state = ck.get("best_state")
+        history = list(ck.get("history", []))
+        resumed = start_epoch
+
+    patience = tcfg.early_stopping.patience if tcfg.early_stopping else None
+    min_delta = tcfg.early_stopping.min_delta if tcfg.early_stopping else 0.0
+    show = dist.is_main and not quiet
+    t0 = time.time()
+    stopped = False
+    epoch = start_epoch - 1
+    with _progress(show, desc, epochs, start_epoch) as prog:
+        for epoch in range(start_epoch, epochs):
+            net.train()
+            g = torch.Generator().manual_seed(seed * 1000 + epoch)  # same order after --resume
+            order = torch.randperm(n, generator=g).numpy()
+            if dist.enabled:  # DistributedSampler semantics: pad, then stride by rank
+                pad = (-len(order)) % dist.world
+                order = np.concatenate([order, order[:pad]])[dist.rank :: dist.world]
+            tot_loss, tot_n = 0.0, 0
+            for step, i in enumerate(range(0, len(order), per_rank_batch)):
+                idx = order[i : i + per_rank_batch]
+                xb = _batches(train_x, idx)
+                xb = {k: v.to(device) for k, v in xb.items()} if isinstance(xb, dict) else xb.to(device)
+                yb = torch.as_tensor(train_y[idx]).to(device)
+                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                    logits = net(**xb) if isinstance(xb, dict) else net(xb)
+                    loss = loss_fn(logits.float(), xb, yb)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                        f"the last good checkpoint (epoch {epoch}) is kept",
+                        hint="lower train.lr, or set train.max_grad_norm",
+                    )
+                opt.zero_grad(set_to_none=True)
+                if scaler:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                else:
+                    loss.backward()
+                if tcfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                sched.step()
+                tot_loss += loss.item() * len(idx)
+                tot_n += len(idx)
+            train_loss = _reduce_mean(tot_loss, tot_n, device, dist)
+            val_metrics, _ = evaluate(model, val_x, val_y, num_classes, device=device)
+            val_acc = val_metrics["accuracy"]
+            history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_accuracy": round(val_acc, 5),
+                            "lr": opt.param_groups[0]["lr"]})
+            improved = val_acc > best_acc + min_delta
+            if improved or best_state is None:
+                best_acc, best_epoch = max(val_acc, best_acc), epoch
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if checkpoint is not None and dist.is_main:
+                _save_checkpoint(checkpoint, {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(), "epoch": epoch, "best_val": best_acc, "best_epoch": best_epoch,
+                    "best_state": best_state, "history": history, "fingerprint": fingerprint,
+                })
+            prog.update(epoch + 1, train_loss, val_acc, best_acc)
+            if patience is not None and epoch - best_epoch >= patience:
+                stopped = True
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return FitResult(best_acc, best_epoch + 1, epoch + 1, stopped, resumed, history, time.time() - t0)
+
+
+def _reduce_mean(total: float, count: int, device, dist: Dist) -> float:
+    if not dist.enabled:
+        return total / max(count, 1)
+    import torch.distributed as tdist
+
+    t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return float(t[0] / max(t[1], 1))
+
+
+class _Progress:
+    """Rich progress bar on a terminal; one plain line per epoch on a pipe or in CI logs."""
+
+    def __init__(self, show: bool, desc: str, epochs: int, start: int):
+        self.show, self.desc, self.epochs = show, desc, epochs
+        self.bar = None
+        if show and sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  val acc {task.fields[acc]}  best {task.fields[best]}"),
+                TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+            )
+            self.task = self.bar.add_task(desc, total=epochs, completed=start, loss="-", acc="-", best="-")
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+    def update(self, epoch: int, loss: float, acc: float, best: float) -> None:
+        if self.bar:
+            self.bar.update(self.task, completed=epoch, loss=f"{loss:.4f}", acc=f"{acc:.4f}", best=f"{best:.4f}")
+        elif self.show:
+            print(f"{self.desc}: epoch {epoch}/{self.epochs}  loss {loss:.4f}  val acc {acc:.4f}  best {best:.4f}",
+                  file=sys.stderr, flush=True)
+
+
+def _progress(show: bool, desc: str, epochs: int, start: int) -> _Progress:
+    return _Progress(show, desc, epochs, start)
