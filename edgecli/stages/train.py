@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -120,9 +121,7 @@ def _metrics(model, splits, num_classes):
 
 def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resume: bool = False,
         quiet: bool = False) -> StageResult:
-    from edgecli.training import dist_info
-
-    if dist_info().enabled:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         return _run_distributed(cfg, store, force=force, resume=resume, quiet=quiet)
     from edgecli.data import load_splits
 
