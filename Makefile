@@ -1,0 +1,34 @@
+# edgecli: `make run` runs the demo pipeline, `make test` the test suite. Both install first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch 2.13.0 lies on this machine's disk; override for other machines,
+# e.g. make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/digits-cnn.yaml
+EXTRAS ?= dev
+
+.PHONY: install run test test-all lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	touch $@
+
+run: install
+	$(BIN)/edgecli train -c $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+lint: install
+	$(BIN)/ruff check edgecli tests benchmarks
+
+clean:
+	rm -rf artifacts .pytest_cache
