@@ -1,0 +1,651 @@
+"""Post-training quantization in ONNX Runtime, chosen by measurement.
+
+Every candidate (static QDQ/QOperator, dynamic, FP16, INT4 weight-only) is scored on held-out
+data (accuracy, or fidelity to the input model when no labels fit) and timed in ONNX Runtime at
+batch 1 side by side with its input. A candidate is kept only when it holds the accuracy budget
+and, for the latency objective, is really faster than its input on this machine: INT8 is slower
+than FP32 for some models here (MEASURED.md), so nothing is applied blindly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgecli.errors import ConfigError, DataError, ModelFileError
+
+# A candidate must beat its input by this much to count as faster: timings here move a few
+# percent between rounds, and a tie is not worth the accuracy risk of a quantized model.
+MIN_SPEEDUP = 0.03
+# Ops ONNX Runtime's dynamic quantizer handles well (weights of MatMul-heavy models). Conv is
+# left out in `auto`: dynamic Conv runs as ConvInteger, 7-11x slower than FP32 here.
+DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "GRU", "EmbedLayerNormalization")
+MAX_BACKOFF_TRIES = 8
+
+_ONNX_TO_NP = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64, 9: np.bool_, 2: np.uint8, 3: np.int8}
+
+
+# --------------------------------------------------------------------------- model inputs
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: list  # ints for fixed dims, None for symbolic ones
+    dtype: type
+
+    def describe(self) -> str:
+        dims = ",".join("N" if d is None else str(d) for d in self.shape)
+        return f"{self.name}[{dims}] {np.dtype(self.dtype).name}"
+
+
+def model_inputs(model) -> list[InputSpec]:
+    """The real inputs of an ONNX model (graph inputs that are not initializers)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+        out.append(InputSpec(vi.name, shape, _ONNX_TO_NP.get(tt.elem_type, np.float32)))
+    return out
+
+
+def fit_problem(x: np.ndarray, spec: InputSpec) -> str | None:
+    """Why the batch ``x`` cannot feed ``spec`` (None when it fits)."""
+    if x.ndim != len(spec.shape):
+        return f"has {x.ndim} dims {list(x.shape)}, the model input {spec.describe()} has {len(spec.shape)}"
+    for i, (have, want) in enumerate(zip(x.shape, spec.shape, strict=False)):
+        if i > 0 and want is not None and have != want:
+            return f"has shape {list(x.shape)}, the model input is {spec.describe()} (dim {i}: {have} != {want})"
+    if x.dtype != np.dtype(spec.dtype):
+        return f"has dtype {x.dtype}, the model input {spec.name} expects {np.dtype(spec.dtype).name}"
+    return None
+
+
+def load_input_file(path: Path, inputs: list[InputSpec], key: str) -> dict[str, np.ndarray]:
+    """Model inputs from an .npy (single-input models) or .npz (one array per input name) file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{key}: {path} does not exist")
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        else:
+            arrays = {None: np.load(path, allow_pickle=False)}
+    except ValueError as e:
+        raise DataError(f"{key}: {path} is not a plain numeric .npy/.npz ({e}); object arrays are refused") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{key}: cannot read {path} as .npy/.npz ({type(e).__name__})") from None
+    feeds: dict[str, np.ndarray] = {}
+    if None in arrays or len(arrays) == 1 and len(inputs) == 1 and inputs[0].name not in arrays:
+        if len(inputs) != 1:
+            raise DataError(f"{key}: the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                            "give an .npz with one array per input name")
+        feeds[inputs[0].name] = next(iter(arrays.values()))
+    else:
+        missing = [i.name for i in inputs if i.name not in arrays]
+        if missing:
+            raise DataError(f"{key}: {path} has arrays {sorted(arrays)}; missing model input(s) {missing}")
+        feeds = {i.name: arrays[i.name] for i in inputs}
+    n = None
+    for spec in inputs:
+        x = feeds[spec.name]
+        if x.ndim == len(spec.shape) - 1:  # one sample given without the batch axis
+            x = feeds[spec.name] = x[None]
+        problem = fit_problem(x, spec)
+        if problem:
+            raise DataError(f"{key}: {path.name} {problem}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise DataError(f"{key}: {path.name} contains NaN or Inf")
+        if n is not None and len(x) != n:
+            raise DataError(f"{key}: arrays in {path.name} have different sample counts")
+        n = len(x)
+    if not n:
+        raise DataError(f"{key}: {path.name} holds no samples")
+    return feeds
+
+
+def take(feeds: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v[idx]) for k, v in feeds.items()}
+
+
+def n_samples(feeds: dict[str, np.ndarray]) -> int:
+    return len(next(iter(feeds.values())))
+
+
+# --------------------------------------------------------------------------- scoring and timing
+
+
+class Scorer:
+    """Scores a model on fixed inputs: accuracy when labels are known, else fidelity to a reference.
+
+    ``score`` is the number the accuracy budget applies to: accuracy, or top-1 agreement with the
+    input model (whose own score is then 1.0).
+    """
+
+    def __init__(self, feeds: dict[str, np.ndarray], labels: np.ndarray | None, threads: int, reference=None):
+        self.feeds, self.labels, self.threads = feeds, labels, threads
+        self.reference = reference
+        self.metric = "accuracy" if labels is not None else "fidelity"
+
+    def outputs(self, path: Path) -> np.ndarray:
+        from edgecli.runtime import make_session
+
+        sess = make_session(path, threads=self.threads)
+        names = [i.name for i in sess.get_inputs()]
+        fixed_batch = sess.get_inputs()[0].shape[0] == 1
+        bs = 1 if fixed_batch else 256
+        n = n_samples(self.feeds)
+        outs = [sess.run(None, {k: self.feeds[k][i : i + bs] for k in names})[0] for i in range(0, n, bs)]
+        return np.concatenate(outs).astype(np.float32)
+
+    def score(self, path: Path) -> dict:
+        from edgecli.metrics import cosine_similarity, top1_agreement
+
+        out = self.outputs(path)
+        if not np.isfinite(out).all():
+            return {"score": 0.0, "nonfinite_outputs": True}
+        if self.labels is not None:
+            acc = float((out.reshape(len(out), -1).argmax(-1) == self.labels).mean())
+            res = {"score": acc, "accuracy": acc}
+        else:
+            res = {}
+        if self.reference is not None:
+            ref = self.reference
+            agree = top1_agreement(ref.reshape(len(ref), -1), out.reshape(len(out), -1))
+            cos = cosine_similarity(ref, out)
+            res.update(top1_agreement=agree, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
+            if self.labels is None:
+                res["score"] = agree
+        return res
+
+
+def time_p50(paths: list[Path], feed1: dict[str, np.ndarray], threads: int, *, rounds: int = 7,
+             round_s: float = 0.08, min_runs: int = 10) -> list[float]:
+    """p50 latency in ms of each model at batch 1, measured interleaved (round-robin) so that
+    load from other processes hits every model alike; ratios between them are what counts."""
+    from edgecli.runtime import make_session
+
+    sessions = [make_session(p, threads=threads) for p in paths]
+    runs = []
+    for s in sessions:  # warm-up, and an estimate of how many runs fill one round
+        for _ in range(5):
+            s.run(None, feed1)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            s.run(None, feed1)
+        per = (time.perf_counter() - t0) / 5
+        runs.append(max(min_runs, min(2000, int(round_s / max(per, 1e-6)))))
+    samples: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, s in enumerate(sessions):
+            for _ in range(runs[i]):
+                t0 = time.perf_counter()
+                s.run(None, feed1)
+                samples[i].append(time.perf_counter() - t0)
+    return [statistics.median(x) * 1000.0 for x in samples]
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+@contextlib.contextmanager
+def _quiet_ort():
+    """onnxruntime.quantization logs every node at INFO/WARNING; keep the terminal for results."""
+    lg = logging.getLogger()
+    old = lg.level
+    lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
+def pre_process(src: Path, dst: Path) -> list[str]:
+    """ONNX Runtime's quantization pre-processing (symbolic + ONNX shape inference, optimisation).
+
+    Falls back to fewer passes when one fails on an unusual graph, and says so.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    notes = []
+    attempts = [
+        ("shape inference + optimisation", {}),
+        ("ONNX shape inference + optimisation (symbolic shape inference failed)", {"skip_symbolic_shape": True}),
+        ("shape inference only (graph optimisation failed)", {"skip_optimization": True, "skip_symbolic_shape": True}),
+    ]
+    for what, kw in attempts:
+        try:
+            with _quiet_ort():
+                quant_pre_process(str(src), str(dst), **kw)
+            if kw:
+                notes.append(f"quantization pre-processing: {what}")
+            return notes
+        except Exception as e:  # noqa: BLE001 - third-party passes fail in many ways; try fewer
+            notes.append(f"quantization pre-processing: {what} failed ({type(e).__name__})")
+    shutil.copyfile(src, dst)
+    notes.append("quantization pre-processing skipped; quantizing the model as given")
+    return notes
+
+
+class _Reader:
+    """CalibrationDataReader over in-memory inputs (batch 1 when the model's batch is fixed)."""
+
+    def __init__(self, feeds: dict[str, np.ndarray], batch: int):
+        self.feeds, self.batch, self.i = feeds, batch, 0
+
+    def get_next(self):
+        n = n_samples(self.feeds)
+        if self.i >= n:
+            return None
+        out = {k: v[self.i : self.i + self.batch] for k, v in self.feeds.items()}
+        self.i += self.batch
+        return out
+
+    def rewind(self):
+        self.i = 0
+
+
+def _reader(feeds, inputs: list[InputSpec]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    batch = 1 if any(spec.shape and spec.shape[0] == 1 for spec in inputs) else 32
+    r = _Reader(feeds, batch)
+    CalibrationDataReader.register(_Reader)
+    return r
+
+
+def quantize_static_file(src: Path, dst: Path, calib: dict[str, np.ndarray], inputs: list[InputSpec], *,
+                         fmt: str = "qdq", per_channel: bool = True, reduce_range: bool = False,
+                         method: str = "minmax", nodes_to_exclude=(), op_types=None, cache: Path | None = None) -> None:
+    """Static INT8 (U8 activations, S8 weights: the VNNI path on x86) with calibration ranges cached
+    in ``cache`` so that re-quantizing with excluded nodes skips calibration."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    cal_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[method]
+    extra = {"DefaultTensorType": 1}  # keeps ORT-optimised BERT-style graphs quantizable (MEASURED trap 5)
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    with _quiet_ort():
+        quantize_static(
+            str(src), str(dst), _reader(calib, inputs),
+            quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+            op_types_to_quantize=list(op_types) if op_types else None,
+            per_channel=per_channel, reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(nodes_to_exclude) or None,
+            calibrate_method=cal_method, extra_options=extra,
+            calibration_cache_path=str(cache) if cache else None,
+        )
+
+
+def quantize_dynamic_file(src: Path, dst: Path, *, per_channel: bool, reduce_range: bool, op_types=None,
+                          nodes_to_exclude=()) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_ort():
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(op_types) if op_types else None,
+                         per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=list(nodes_to_exclude) or None, extra_options={"DefaultTensorType": 1})
+
+
+def convert_fp16_file(src: Path, dst: Path, nodes_to_exclude=()) -> None:
+    """FP16 weights and compute, FP32 inputs and outputs (so callers feed what they fed before)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    m = onnx.load(str(src))
+    with _quiet_ort():
+        m16 = convert_float_to_float16(m, keep_io_types=True, node_block_list=list(nodes_to_exclude) or None)
+    onnx.save(m16, str(dst))
+
+
+def matmul_weight_nodes(model) -> list[str]:
+    """MatMul nodes whose second input is a constant 2-D weight (what MatMulNBits can take)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+
+
+def quantize_int4_file(src: Path, dst: Path, *, block_size: int, symmetric: bool, accuracy_level: int | None,
+                       nodes_to_exclude=()) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    m = onnx.load(str(src))
+    with _quiet_ort():
+        q = MatMulNBitsQuantizer(m, bits=4, block_size=block_size, is_symmetric=symmetric,
+                                 accuracy_level=accuracy_level, nodes_to_exclude=list(nodes_to_exclude))
+        q.process()
+    onnx.save(q.model.model, str(dst))
+
+
+def quantized_nodes(path: Path) -> list[str]:
+    """Compute nodes of a quantized model that run on quantized tensors, by their float-model names.
+
+    QDQ keeps the original node names (a node fed by DequantizeLinear is quantized); QOperator
+    renames them with a ``_quant`` suffix.
+    """
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    dq_out = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    names = []
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
+            continue
+        if n.name.endswith("_quant"):
+            names.append(n.name[: -len("_quant")])
+        elif n.op_type in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"):
+            names.append(n.name)
+        elif any(i in dq_out for i in n.input):
+            names.append(n.name)
+    seen: set[str] = set()
+    return [x for x in names if x and not (x in seen or seen.add(x))]
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class Candidate:
+    name: str
+    mode: str
+    options: dict
+    path: Path | None = None
+    excluded_nodes: list[str] = field(default_factory=list)
+    bytes: int | None = None
+    scores: dict = field(default_factory=dict)
+    p50_ms: float | None = None
+    error: str | None = None
+    applicable: bool = True
+    chosen: bool = False
+    reason: str = ""
+    failed: list[str] = field(default_factory=list)  # constraints this candidate broke
+
+    @property
+    def score(self) -> float | None:
+        return self.scores.get("score")
+
+    def to_json(self, base_score: float | None, base_p50: float | None) -> dict:
+        d = {
+            "name": self.name, "mode": self.mode, "options": self.options, "excluded_nodes": self.excluded_nodes,
+            "bytes": self.bytes, **{k: v for k, v in self.scores.items() if k != "score"},
+            "score": self.score, "p50_ms": _r(self.p50_ms),
+            "accuracy_drop": _r(base_score - self.score) if base_score is not None and self.score is not None else None,
+            "latency_ratio": _r(self.p50_ms / base_p50) if self.p50_ms and base_p50 else None,
+            "applicable": self.applicable, "error": self.error,
+            "chosen": self.chosen, "failed_constraints": self.failed, "reason": self.reason,
+        }
+        return d
+
+
+def _r(x, n=5):
+    return None if x is None else round(float(x), n)
+
+
+@dataclass
+class QuantizeOutcome:
+    chosen: Candidate | None  # None: the input model is kept
+    candidates: list[Candidate]
+    input: Candidate
+    verdict: str
+    failed_constraint: str | None
+    sensitivity: list[dict]
+    notes: list[str]
+    best_rejected: Candidate | None = None
+
+
+class QuantizeJob:
+    """One `quantize` step: build candidates for its mode, score, time, choose.
+
+    ``src`` is the step's input model (FP32 ONNX, self-contained); ``work`` a scratch directory.
+    """
+
+    def __init__(self, src: Path, work: Path, opts, *, scorer: Scorer, calib: dict[str, np.ndarray] | None,
+                 calib_problem: str | None, feed1: dict[str, np.ndarray], threads: int,
+                 max_drop: float | None, objective: str, key: str, log=lambda m: None):
+        self.src, self.work, self.opts = Path(src), Path(work), opts
+        self.scorer, self.calib, self.calib_problem = scorer, calib, calib_problem
+        self.feed1, self.threads, self.max_drop, self.objective = feed1, threads, max_drop, objective
+        self.key, self.log = key, log
+        self.notes: list[str] = []
+        self.sensitivity: list[dict] = []
+        self._n = 0
+
+    # ----------------------------------------------------------------- building
+    def _new_path(self, tag: str) -> Path:
+        self._n += 1
+        return self.work / f"cand{self._n:02d}-{tag}.onnx"
+
+    def _build(self, cand: Candidate, prepped: Path) -> Candidate:
+        o = cand.options
+        dst = self._new_path(cand.mode)
+        try:
+            if cand.mode == "static":
+                if self.calib is None:
+                    raise DataError(self.calib_problem or f"{self.key}.calibration.data: no calibration data")
+                quantize_static_file(prepped, dst, self.calib, self.inputs, fmt=o["format"], per_channel=o["per_channel"],
+                                     reduce_range=o["reduce_range"], method=o["calibration"],
+                                     nodes_to_exclude=cand.excluded_nodes, op_types=o.get("op_types"),
+                                     cache=self.work / f"calib-{o['calibration']}.json")
+            elif cand.mode == "dynamic":
+                quantize_dynamic_file(prepped, dst, per_channel=o["per_channel"], reduce_range=o["reduce_range"],
+                                      op_types=o.get("op_types"), nodes_to_exclude=cand.excluded_nodes)
+            elif cand.mode == "fp16":
+                convert_fp16_file(self.src, dst, cand.excluded_nodes)
+            elif cand.mode == "int4_weight_only":
+                quantize_int4_file(prepped, dst, block_size=o["block_size"], symmetric=o["symmetric"],
+                                   accuracy_level=o.get("accuracy_level"), nodes_to_exclude=cand.excluded_nodes)
+            cand.path = dst
+            from edgecli.onnxio import model_bytes
+
+            cand.bytes = model_bytes(dst)
+            cand.scores = self.scorer.score(dst)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a mode that fails on this graph is reported, not fatal
+            cand.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            cand.reason = f"failed to build: {cand.error}"
+            cand.path = None
+        return cand
+
+    def _drop(self, cand: Candidate) -> float | None:
+        if cand.score is None or self.base.score is None:
+            return None
+        return self.base.score - cand.score
+
+    def _holds(self, cand: Candidate) -> bool:
+        d = self._drop(cand)
+        return d is not None and (self.max_drop is None or d <= self.max_drop + 1e-9)
+
+    # ----------------------------------------------------------------- plan
+    def _plan(self, model) -> list[Candidate]:
+        o = self.opts
+        static_opts = {"format": o.format, "per_channel": o.per_channel, "reduce_range": o.reduce_range,
+                       "calibration": o.calibration.method, "samples": o.calibration.samples, "op_types": o.op_types}
+        has_matmul_w = bool(matmul_weight_nodes(model))
+        dyn_ops = sorted({n.op_type for n in model.graph.node} & set(DYNAMIC_OPS))
+        int4_opts = {"block_size": o.block_size, "symmetric": o.symmetric, "accuracy_level": o.accuracy_level}
+        excl = list(o.nodes_to_exclude)
+        mk = lambda name, mode, opts: Candidate(name, mode, opts, excluded_nodes=list(excl))  # noqa: E731
+        if o.mode == "static":
+            return [mk(f"static {o.format}" + (" per-channel" if o.per_channel else ""), "static", static_opts)]
+        if o.mode == "dynamic":
+            return [mk("dynamic" + (" per-channel" if o.per_channel else ""), "dynamic",
+                       {"per_channel": o.per_channel, "reduce_range": o.reduce_range, "op_types": o.op_types})]
+        if o.mode == "fp16":
+            return [mk("fp16", "fp16", {"keep_io_types": True})]
+        if o.mode == "int4_weight_only":
+            c = mk("int4 weight-only", "int4_weight_only", int4_opts)
+            if not has_matmul_w:
+                c.applicable, c.reason = False, "not applicable: no MatMul with constant weights (MatMulNBits needs them)"
+            return [c]
+        # auto: every mode that applies to this graph; each is measured, none assumed
+        cands = [
+            mk("static qdq per-channel", "static", {**static_opts, "format": "qdq", "per_channel": True}),
+            mk("static qdq per-tensor", "static", {**static_opts, "format": "qdq", "per_channel": False}),
+        ]
+        if o.format == "qoperator":
+            cands.append(mk("static qoperator", "static", {**static_opts, "format": "qoperator"}))
+        if dyn_ops:
+            c = mk("dynamic " + "/".join(dyn_ops), "dynamic",
+                   {"per_channel": True, "reduce_range": o.reduce_range, "op_types": o.op_types or dyn_ops})
+            cands.append(c)
+        else:
+            c = mk("dynamic", "dynamic", {})
+            c.applicable, c.reason = False, "not tried: no MatMul/Gemm/RNN/attention ops (dynamic Conv runs as ConvInteger, 7-11x slower here)"
+            cands.append(c)
+        cands.append(mk("fp16", "fp16", {"keep_io_types": True}))
+        c = mk("int4 weight-only", "int4_weight_only", int4_opts)
+        if not has_matmul_w:
+            c.applicable, c.reason = False, "not tried: no MatMul with constant weights (MatMulNBits needs them)"
+        cands.append(c)
+        return cands
+
+    # ----------------------------------------------------------------- backoff
+    def _backoff(self, first: Candidate, prepped: Path) -> list[Candidate]:
+        """Sensitivity pass: re-quantize with each quantized node left in FP32, rank the nodes by
+        the score that brings back, then exclude the worst ones cumulatively until the budget holds."""
+        nodes = [n for n in quantized_nodes(first.path) if n not in first.excluded_nodes]
+        if not nodes:
+            return []
+        self.log(f"sensitivity pass over {len(nodes)} quantized nodes")
+        gains = []
+        for n in nodes:
+            probe = Candidate(f"probe {n}", first.mode, first.options, excluded_nodes=first.excluded_nodes + [n])
+            self._build(probe, prepped)
+            if probe.path is None:
+                continue
+            gains.append((probe.score, n))
+            with contextlib.suppress(OSError):
+                probe.path.unlink()
+        gains.sort(key=lambda t: -t[0])
+        self.sensitivity = [{"node": n, "score_when_kept_fp32": _r(s), "gain": _r(s - first.score)} for s, n in gains]
+        ranked = [n for _, n in gains]
+        out = []
+        k, tries = 1, 0
+        while k < len(ranked) + 1 and tries < MAX_BACKOFF_TRIES:
+            excl = first.excluded_nodes + ranked[:k]
+            c = Candidate(f"{first.name} -{k} node{'s' if k > 1 else ''}", first.mode, first.options, excluded_nodes=excl)
+            self._build(c, prepped)
+            out.append(c)
+            tries += 1
+            if c.path is not None and self._holds(c):
+                break
+            k = k + 1 if k < 4 else int(k * 1.5)
+        return out
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> QuantizeOutcome:
+        import onnx
+
+        from edgecli.onnxio import model_bytes
+
+        model = onnx.load(str(self.src))
+        self.inputs = model_inputs(model)
+        self.base = Candidate("input (fp32)", "fp32", {}, path=self.src, bytes=model_bytes(self.src))
+        self.base.scores = self.scorer.score(self.src)
+        prepped = self.work / "preprocessed.onnx"
+        self.notes += pre_process(self.src, prepped)
+        cands = self._plan(model)
+        for c in cands:
+            if c.applicable:
+                self.log(f"building candidate: {c.name}")
+                self._build(c, prepped)
+        built = [c for c in cands if c.path is not None]
+        # accuracy-aware: if no static candidate holds the budget, back off the first static one
+        statics = [c for c in built if c.mode == "static"]
+        if self.max_drop is not None and statics and not any(self._holds(c) for c in statics):
+            cands += self._backoff(statics[0], prepped)
+            built = [c for c in cands if c.path is not None]
+        # latency-aware: time every built candidate side by side with the input
+        self.log(f"timing {len(built) + 1} models at batch 1, {self.threads} thread(s)")
+        p50s = time_p50([self.src] + [c.path for c in built], self.feed1, self.threads)
+        self.base.p50_ms = p50s[0]
+        for c, p in zip(built, p50s[1:], strict=False):
+            c.p50_ms = p
+        return self._choose(cands)
+
+    def _choose(self, cands: list[Candidate]) -> QuantizeOutcome:
+        forced = bool(self.opts.force) and self.opts.mode != "auto"
+        base = self.base
+        ok: list[Candidate] = []
+        for c in cands:
+            if c.path is None:
+                continue
+            if not self._holds(c):
+                c.failed.append("max_accuracy_drop")
+                c.reason = (f"{self.scorer.metric} drop {self._drop(c):.4f} > max_accuracy_drop {self.max_drop}"
+                            if self._drop(c) is not None else "not scored")
+                continue
+            slower = c.p50_ms >= base.p50_ms * (1 - MIN_SPEEDUP)
+            if self.objective == "latency" and slower and not forced:
+                c.failed.append("latency")
+                c.reason = (f"not faster than its input ({c.p50_ms:.4f} vs {base.p50_ms:.4f} ms, "
+                            f"{c.p50_ms / base.p50_ms:.2f}x; needs < {1 - MIN_SPEEDUP:.2f}x)")
+                continue
+            if self.objective == "size" and c.bytes >= base.bytes:
+                c.failed.append("size")
+                c.reason = f"not smaller than its input ({c.bytes} vs {base.bytes} bytes)"
+                continue
+            ok.append(c)
+        key = (lambda c: (c.p50_ms, c.bytes)) if self.objective == "latency" else (lambda c: (c.bytes, c.p50_ms))
+        ok.sort(key=key)
+        chosen = ok[0] if ok else None
+        for c in ok[1:]:
+            c.reason = (f"holds every constraint but {chosen.name} is "
+                        + (f"faster ({chosen.p50_ms:.4f} vs {c.p50_ms:.4f} ms)" if self.objective == "latency"
+                           else f"smaller ({chosen.bytes} vs {c.bytes} bytes)"))
+        failed_constraint = None
+        best_rejected = None
+        if chosen is not None:
+            chosen.chosen = True
+            ratio = chosen.p50_ms / base.p50_ms
+            chosen.reason = (f"best by {self.objective}: {ratio:.2f}x input latency, "
+                             f"{chosen.bytes / base.bytes:.2f}x size, {self.scorer.metric} drop {self._drop(chosen):.4f}")
+            if forced and self.objective == "latency" and chosen.p50_ms >= base.p50_ms * (1 - MIN_SPEEDUP):
+                chosen.reason += f" (forced: mode {self.opts.mode} kept although it is not faster than its input)"
+            verdict = f"chose {chosen.name}"
+        else:
+            tried = [c for c in cands if c.path is not None]
+            fails = [f for c in tried for f in c.failed]
+            if not tried:
+                failed_constraint = "no candidate could be built"
+            elif all("max_accuracy_drop" in c.failed for c in tried):
+                failed_constraint = "max_accuracy_drop"
+            else:
+                failed_constraint = max(set(fails), key=fails.count) if fails else "none"
+            verdict = f"kept FP32 input: no candidate held {failed_constraint}"
+            if tried:
+                best_rejected = max(tried, key=lambda c: (c.score or 0.0, -(c.p50_ms or 0)))
+        return QuantizeOutcome(chosen, cands, base, verdict, failed_constraint, self.sensitivity, self.notes,
+                               best_rejected)
+
+
+def check_options(opts, key: str) -> None:
+    """Cross-field rules of one quantize step that the schema cannot say alone."""
+    if opts.mode == "int4_weight_only" and opts.block_size & (opts.block_size - 1):
+        raise ConfigError(f"{key}.block_size: must be a power of two >= 16 (got {opts.block_size})")
+    if opts.format == "qoperator" and opts.mode not in ("static", "auto"):
+        raise ConfigError(f"{key}.format: qoperator applies to static quantization only (mode is {opts.mode})")
+
+
+def inputs_of(path: Path) -> list[InputSpec]:
+    from edgecli.onnxio import load_onnx
+
+    try:
+        return model_inputs(load_onnx(path, load_external=False))
+    except ModelFileError:
+        raise

@@ -1,0 +1,444 @@
+"""compress: compose torch-level steps (prune, distill, sparsity) then ONNX-level quantize steps.
+
+Every step is measured the same way before and after (params and MACs for torch models, ONNX
+bytes, validation accuracy or fidelity, p50 latency in ONNX Runtime at batch 1), and quantize
+steps keep a candidate only when it holds the accuracy budget and the objective on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgecli import __version__
+from edgecli.artifacts import (
+    ArtifactStore,
+    StageWriter,
+    sha256_file,
+    sha256_json,
+    upstream_fingerprint,
+    write_json_atomic,
+)
+from edgecli.config import PipelineConfig
+from edgecli.errors import ArtifactError, ConfigError, DataError
+from edgecli.stages import StageResult, Table, run_stage
+
+STAGE = "compress"
+TORCH_STEPS = ("prune", "distill", "sparsity")
+_STEP_FUNCS = {"prune": "edgecli.compression.prune:prune_step", "distill": "edgecli.compression.distill:distill_step",
+               "sparsity": "edgecli.compression.prune:sparsity_step"}
+
+
+# --------------------------------------------------------------------------- validation and inputs
+
+
+def check_steps(cfg: PipelineConfig, from_stage: bool) -> None:
+    """Torch steps first, then quantize steps; torch steps need the train stage's weights."""
+    from edgecli.compression.quantize import check_options
+
+    steps = cfg.compress.steps
+    if not steps:
+        raise ConfigError("compress.steps: empty; add at least one step (e.g. - quantize: {mode: auto})")
+    problems = []
+    seen_quant = None
+    for i, st in enumerate(steps):
+        key = f"compress.steps.{i}"
+        if st.kind == "quantize":
+            seen_quant = seen_quant if seen_quant is not None else i
+            try:
+                check_options(st.quantize, f"{key}.quantize")
+            except ConfigError as e:
+                problems += e.problems
+        else:
+            if seen_quant is not None:
+                problems.append(f"{key}: {st.kind} is a PyTorch-level step and must come before every quantize step "
+                                f"(compress.steps.{seen_quant} quantizes the ONNX model; nothing trainable is left after it)")
+            if not from_stage:
+                problems.append(f"{key}: {st.kind} needs PyTorch weights, but compress.input is an ONNX file "
+                                f"({cfg.compress.input}); only quantize steps apply to it (or set compress.input: train)")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _input_ref(cfg: PipelineConfig, store: ArtifactStore) -> tuple[str | None, Path]:
+    from edgecli.artifacts import STAGES
+    from edgecli.stages import resolve_input
+
+    ref = cfg.compress.input
+    if ref in STAGES and ref != "train":
+        raise ConfigError(f"compress.input: '{ref}' cannot feed compress; use 'train' or a path to an .onnx file")
+    return resolve_input(store, ref, ("train",), "compress.input")
+
+
+def _external_files(path: Path) -> list[Path]:
+    """An ONNX file and the external-data files it names (for hashing the input)."""
+    from edgecli.onnxio import _external_tensors, load_onnx
+
+    m = load_onnx(path, load_external=False)
+    locs = sorted({dict((e.key, e.value) for e in t.external_data).get("location", "") for t in _external_tensors(m)})
+    return [path] + [path.parent / loc for loc in locs if loc]
+
+
+def fingerprint(cfg: PipelineConfig, store: ArtifactStore, stage: str | None, path: Path) -> str:
+    files = {}
+    if stage is None:
+        files = {p.name: sha256_file(p) for p in _external_files(path)}
+    calib = sorted({s.quantize.calibration.data for s in cfg.compress.steps
+                    if s.kind == "quantize" and s.quantize.calibration.data})
+    for c in calib:
+        p = Path(c).expanduser()
+        files[f"calibration:{c}"] = sha256_file(p) if p.is_file() else "missing"
+    return sha256_json({
+        "stage": STAGE, "version": __version__, "seed": cfg.seed, "data": cfg.section("data"),
+        "model": cfg.section("model"), "compress": cfg.section("compress"),
+        "upstream": upstream_fingerprint(store, stage) if stage else None, "files": files,
+    })
+
+
+# --------------------------------------------------------------------------- evaluation data
+
+
+class _Data:
+    """What every step is scored and timed on, decided once per run."""
+
+    def __init__(self):
+        self.eval_feeds: dict | None = None
+        self.labels = None
+        self.metric = "accuracy"
+        self.splits = None
+        self.fit_note = ""
+
+
+def _subset(n: int, k: int | None, seed: int) -> np.ndarray:
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
+def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None) -> _Data:
+    """Validation split when the pipeline's data fits the model input, else the user's inputs (fidelity)."""
+    from edgecli.compression.quantize import fit_problem, take
+
+    d = _Data()
+    problem = None
+    try:
+        from edgecli.data import load_splits
+
+        splits = load_splits(cfg)
+        if len(inputs) != 1:
+            problem = f"the model has {len(inputs)} inputs"
+        elif splits.kind == "text":
+            problem = "text data"
+        else:
+            problem = fit_problem(splits.val.x[:1], inputs[0])
+        if problem is None:
+            d.splits = splits
+    except DataError as e:
+        problem = e.message
+    if d.splits is not None:
+        idx = _subset(len(d.splits.val), cfg.compress.eval_samples, cfg.seed)
+        d.eval_feeds = {inputs[0].name: np.ascontiguousarray(d.splits.val.x[idx])}
+        d.labels = d.splits.val.y[idx]
+        return d
+    d.fit_note = f"the pipeline's data does not fit the model input ({problem}); scoring fidelity to the input model"
+    d.metric = "fidelity"
+    if calib_file_feeds is None:
+        raise DataError(
+            f"compress: {d.fit_note.split(';')[0]}, and no calibration.data file gives model inputs to score on",
+            hint="set compress.steps.N.quantize.calibration.data to an .npy/.npz of model inputs",
+        )
+    from edgecli.compression.quantize import n_samples
+
+    n = n_samples(calib_file_feeds)
+    idx = _subset(n, cfg.compress.eval_samples, cfg.seed)
+    d.eval_feeds = take(calib_file_feeds, idx)
+    return d
+
+
+def _calibration(cfg, st_opts, key: str, inputs, data: _Data) -> tuple[dict | None, str | None, str]:
+    """(feeds, problem, source) for one quantize step."""
+    from edgecli.compression.quantize import load_input_file, take
+
+    cal = st_opts.calibration
+    if cal.data:
+        feeds = load_input_file(Path(cal.data), inputs, f"{key}.calibration.data")
+        from edgecli.compression.quantize import n_samples
+
+        idx = np.arange(min(cal.samples, n_samples(feeds)))
+        return take(feeds, idx), None, f"{cal.data} ({len(idx)} samples)"
+    if data.splits is None:
+        return None, (f"{key}.calibration.data: static quantization needs calibration inputs; the pipeline's data "
+                      "does not fit this model, so give an .npy/.npz of model inputs"), ""
+    tr = data.splits.train.x
+    idx = _subset(len(tr), cal.samples, cfg.seed)
+    return {inputs[0].name: np.ascontiguousarray(tr[idx])}, None, f"train split ({len(idx)} samples)"
+
+
+# --------------------------------------------------------------------------- torch steps
+
+
+def _load_step_func(kind: str, key: str):
+    import importlib
+
+    mod, _, attr = _STEP_FUNCS[kind].partition(":")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"{key}: '{kind}' steps are not available in this build of edgecli "
+                          f"({_STEP_FUNCS[kind]} is missing); use quantize steps only") from None
+
+
+def _measure_torch(model, info, cfg, splits, work: Path, tag: str, data: _Data) -> dict:
+    """Export a torch model to ONNX (parity checked) and measure it like any step output."""
+    from edgecli.compression.quantize import Scorer
+    from edgecli.models.zoo import count_macs, count_params
+    from edgecli.onnxio import model_bytes
+    from edgecli.stages.train import save_model_files
+
+    d = work / tag
+    d.mkdir(parents=True, exist_ok=True)
+    par = save_model_files(d, model, cfg, info, splits.test.x, cfg.train.opset, cfg.train.parity_atol,
+                           f"compress {tag} parity (ONNX Runtime vs PyTorch)")
+    sc = Scorer(data.eval_feeds, data.labels, cfg.compress.threads).score(d / "model.onnx")
+    return {"dir": d, "params": count_params(model), "macs": count_macs(model, info["input_shape"]),
+            "bytes": model_bytes(d / "model.onnx"), "score": sc["score"], "parity": par}
+
+
+def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> tuple[Path, list[dict], object, list[str]]:
+    """Run prune/distill/sparsity in order; return (onnx path, step records, final model, notes)."""
+    from edgecli.compression import TorchContext
+    from edgecli.compression.quantize import time_p50
+    from edgecli.models import build_model
+    from edgecli.training import load_weights_file
+
+    man = store.manifest("train")
+    info = man.get("model_info")
+    if not info:
+        raise ArtifactError("train manifest has no model_info; rerun `edgecli train --force`")
+    model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args"))
+    model.load_state_dict(load_weights_file(store.require("train", "weights.safetensors")))
+    model.eval()
+    splits = data.splits
+    before = _measure_torch(model, info, cfg, splits, work, "step-input", data)
+    ctx = TorchContext(model=model, splits=splits, cfg=cfg, model_info=info, num_classes=info["num_classes"],
+                       baseline_val_accuracy=float(man.get("metrics", {}).get("val_accuracy", before["score"])),
+                       quiet=quiet)
+    records = []
+    feed1 = {k: v[:1] for k, v in data.eval_feeds.items()}
+    for i, st in enumerate(cfg.compress.steps):
+        if st.kind not in TORCH_STEPS:
+            break
+        key = f"compress.steps.{i}"
+        fn = _load_step_func(st.kind, key)
+        log(f"step {i}: {st.kind}")
+        details = fn(ctx, st.options) or {}
+        after = _measure_torch(ctx.model, info, cfg, splits, work, f"step{i}-{st.kind}", data)
+        p0, p1 = time_p50([before["dir"] / "model.onnx", after["dir"] / "model.onnx"], feed1, cfg.compress.threads)
+        before["p50_ms"], after["p50_ms"] = p0, p1
+        records.append({"index": i, "kind": st.kind, "options": st.options.model_dump(mode="json"),
+                        "before": _public(before), "after": _public(after), "details": _jsonable(details),
+                        "metric": data.metric})
+        before = after
+    return before["dir"], records, ctx.model, list(ctx.notes)
+
+
+def _public(m: dict) -> dict:
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items() if k not in ("dir", "parity")}
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet: bool = False) -> StageResult:
+    """Compose cfg.compress.steps on the configured input and publish the chosen model."""
+    from edgecli.report import info as log_info
+
+    stage, src_path = _input_ref(cfg, store)
+    check_steps(cfg, from_stage=stage is not None)
+    fp = fingerprint(cfg, store, stage, src_path)
+    state: dict = {}
+    log = (lambda m: None) if quiet else (lambda m: log_info(f"compress: {m}"))
+
+    def build(w: StageWriter):
+        with tempfile.TemporaryDirectory(prefix="edgecli-compress-") as tmp:
+            return _build(cfg, store, w, Path(tmp), stage, src_path, state, quiet, log)
+
+    res = run_stage(store, STAGE, fp, force, build, command="edgecli compress")
+    return _result(res, state, store)
+
+
+def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state: dict, quiet: bool, log):
+    import onnx
+
+    from edgecli.compression.quantize import QuantizeJob, Scorer, inputs_of, load_input_file, n_samples
+    from edgecli.onnxio import get_metadata, load_onnx, model_bytes, set_metadata
+
+    if stage:
+        man = w.add_upstream(stage)
+        w.add_input("train/model.onnx", src_path)
+    else:
+        man = None
+        for p in _external_files(src_path):
+            w.add_input(str(p), p)
+    # a self-contained FP32 copy: every later step reads local files only
+    m = load_onnx(src_path)
+    meta = {p.key: p.value for p in m.metadata_props}
+    src = work / "input.onnx"
+    onnx.save(m, str(src))
+    del m
+    inputs = inputs_of(src)
+    steps = cfg.compress.steps
+    q_idx = [i for i, s in enumerate(steps) if s.kind == "quantize"]
+    # inputs for fidelity scoring when the pipeline's data does not fit an external model
+    file_feeds = None
+    for i in q_idx:
+        if steps[i].quantize.calibration.data:
+            file_feeds = load_input_file(Path(steps[i].quantize.calibration.data), inputs,
+                                         f"compress.steps.{i}.quantize.calibration.data")
+            break
+    data = _eval_data(cfg, inputs, file_feeds)
+    notes = [data.fit_note] if data.fit_note else []
+    records: list[dict] = []
+    torch_model = None
+    cur = src
+    if any(s.kind in TORCH_STEPS for s in steps):
+        if data.splits is None:
+            raise DataError("compress: PyTorch steps need the pipeline's dataset, which does not fit the model")
+        tdir, trec, torch_model, tnotes = _run_torch_steps(cfg, store, work, data, quiet, log)
+        records += trec
+        notes += tnotes
+        cur = tdir / "model.onnx"
+        meta.update(get_metadata(cur))
+    # outputs of the FP32 model that quantization starts from: top-1 agreement and cosine for every
+    # candidate, and the score itself when no labels fit
+    reference = Scorer(data.eval_feeds, None, cfg.compress.threads).outputs(cur)
+    scorer = Scorer(data.eval_feeds, data.labels, cfg.compress.threads, reference=reference)
+    feed1 = {k: v[:1] for k, v in data.eval_feeds.items()}
+    outcomes = []
+    for i in q_idx:
+        key = f"compress.steps.{i}.quantize"
+        opts = steps[i].quantize
+        calib, problem, calib_src = _calibration(cfg, opts, key, inputs, data)
+        if opts.mode == "static" and calib is None:
+            raise DataError(problem)
+        sw = work / f"step{i}"
+        sw.mkdir()
+        log(f"step {i}: quantize (mode {opts.mode}, objective {cfg.compress.objective})")
+        job = QuantizeJob(cur, sw, opts, scorer=scorer, calib=calib, calib_problem=problem, feed1=feed1,
+                          threads=cfg.compress.threads, max_drop=cfg.compress.max_accuracy_drop,
+                          objective=cfg.compress.objective, key=key, log=log)
+        out = job.run()
+        outcomes.append(out)
+        base, ch = out.input, out.chosen
+        after = ch or base
+        rec = {
+            "index": i, "kind": "quantize", "options": opts.model_dump(mode="json"), "metric": data.metric,
+            "calibration": calib_src or None,
+            "before": {"bytes": base.bytes, "score": _r(base.score), "p50_ms": _r(base.p50_ms)},
+            "after": {"bytes": after.bytes, "score": _r(after.score), "p50_ms": _r(after.p50_ms)},
+            "verdict": out.verdict, "failed_constraint": out.failed_constraint,
+            "chosen": ch.name if ch else None,
+            "candidates": [base.to_json(None, None)] + [c.to_json(base.score, base.p50_ms) for c in out.candidates],
+            "sensitivity": out.sensitivity, "notes": out.notes,
+        }
+        records.append(rec)
+        if ch is not None:
+            cur = ch.path
+        elif out.best_rejected is not None:
+            state["best_rejected"] = (i, out.best_rejected)
+    # publish: the model, its metadata, weights of the torch model, the report
+    shutil.copyfile(cur, w.path("model.onnx"))
+    if "edgecli.model_info" not in meta and data.splits is not None:
+        # an external model scored on the pipeline's data: record that preprocessing so infer can feed it
+        meta["edgecli.model_info"] = json.dumps({
+            "arch": "external", "args": {}, "num_classes": data.splits.num_classes,
+            "class_names": data.splits.class_names, "kind": data.splits.kind,
+            "input_shape": data.splits.spec.input_shape, "input_names": [i.name for i in inputs],
+            "output_names": [o.name for o in onnx.load(str(src), load_external_data=False).graph.output],
+            "preprocess": data.splits.spec.to_dict()}, sort_keys=True)
+    lineage = {"input": cfg.compress.input, "steps": [r["kind"] for r in records],
+               "chosen": [r.get("chosen") for r in records if r["kind"] == "quantize"]}
+    set_metadata(w.path("model.onnx"), {**meta, "edgecli.compress": lineage, "edgecli.version": __version__})
+    extra: dict = {}
+    if torch_model is not None:
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().contiguous().clone() for k, v in torch_model.cpu().state_dict().items()}
+        save_file(sd, str(w.path("weights.safetensors")))
+        extra["state_dict_shapes"] = {k: list(v.shape) for k, v in sd.items()}
+        extra["weights_note"] = "weights.safetensors is the PyTorch model after the torch steps, before quantization"
+    elif stage:
+        shutil.copyfile(store.require(stage, "weights.safetensors"), w.path("weights.safetensors"))
+        extra["weights_note"] = "weights.safetensors is the trained FP32 model (no torch step ran)"
+    if "best_rejected" in state:
+        i, c = state["best_rejected"]
+        shutil.copyfile(c.path, w.path("candidate_best.onnx"))
+        set_metadata(w.path("candidate_best.onnx"), {**meta, "edgecli.compress": {"rejected": c.name}})
+        notes.append(f"step {i}: kept the FP32 input; the best rejected candidate ({c.name}, failed "
+                     f"{', '.join(c.failed) or 'build'}) is in candidate_best.onnx for inspection")
+    first = records[0]["before"] if records else {}
+    final_bytes = model_bytes(w.path("model.onnx"))
+    input_bytes = model_bytes(src)
+    q_fails = [r["failed_constraint"] for r in records if r.get("failed_constraint")]
+    report = {
+        "input": {"ref": cfg.compress.input, "bytes": input_bytes, "score": first.get("score"),
+                  "p50_ms": first.get("p50_ms"), "inputs": [s.describe() for s in inputs]},
+        "metric": data.metric, "objective": cfg.compress.objective,
+        "max_accuracy_drop": cfg.compress.max_accuracy_drop, "threads": cfg.compress.threads,
+        "eval_samples": int(n_samples(data.eval_feeds)), "steps": records,
+        "final": {"bytes": final_bytes, "size_ratio": round(final_bytes / input_bytes, 5),
+                  "score": records[-1]["after"]["score"], "p50_ms": records[-1]["after"]["p50_ms"]},
+        "failed_constraint": q_fails[-1] if q_fails else None,
+        "verdict": "; ".join(r["verdict"] for r in records if "verdict" in r) or "torch steps only",
+        "notes": notes,
+    }
+    write_json_atomic(w.path("report.json"), report)
+    state.update(report=report, notes=notes)
+    model_info = man.get("model_info") if man else json.loads(meta.get("edgecli.model_info", "null"))
+    extra.update(model_info=model_info, seed=cfg.seed, metric=data.metric, verdict=report["verdict"])
+    metrics = {"bytes": final_bytes, "size_ratio": report["final"]["size_ratio"], "metric": data.metric,
+               "score": report["final"]["score"], "input_score": first.get("score"),
+               "p50_ms": report["final"]["p50_ms"], "input_p50_ms": first.get("p50_ms"),
+               "failed_constraint": report["failed_constraint"]}
+    return cfg.section("compress"), metrics, extra
+
+
+def _r(x, n=5):
+    return None if x is None else round(float(x), n)
+
+
+def _result(res: StageResult, state: dict, store: ArtifactStore) -> StageResult:
+    report = state.get("report")
+    if report is None and res.dir is not None and (res.dir / "report.json").is_file():
+        report = json.loads((res.dir / "report.json").read_text())
+    if not report:
+        return res
+    res.details = {"report": str(res.dir / "report.json") if res.dir else None, "verdict": report["verdict"]}
+    metric = report["metric"]
+    rows = []
+    for r in report["steps"]:
+        b, a = r["before"], r["after"]
+        rows.append([f"{r['index']}: {r['kind']}", b.get("params"), a.get("params"), b.get("macs"), a.get("macs"),
+                     b.get("bytes"), a.get("bytes"), b.get("score"), a.get("score"), b.get("p50_ms"), a.get("p50_ms")])
+    res.tables.append(Table(f"compress steps ({res.status}; {metric}; p50 at batch 1, {report['threads']} thread(s))",
+                            ["step", "params", "->", "MACs", "->", "bytes", "->", metric, "->", "p50 ms", "->"], rows))
+    for r in report["steps"]:
+        if r["kind"] != "quantize":
+            continue
+        crow = []
+        for c in r["candidates"]:
+            crow.append([c["name"], c["bytes"], c["score"], c["accuracy_drop"], c["p50_ms"], c["latency_ratio"],
+                         len(c["excluded_nodes"]), "yes" if c["chosen"] else "", c["reason"] or c.get("error") or ""])
+        res.tables.append(Table(f"step {r['index']} quantize candidates: {r['verdict']}",
+                                ["candidate", "bytes", metric, "drop", "p50 ms", "x input", "excluded", "chosen", "why"],
+                                crow))
+    res.messages = list(state.get("notes", [])) + res.messages
+    return res
