@@ -195,6 +195,7 @@ class ExportConfig(_Strict):
 
 class BudgetConfig(_Strict):
     model: str | None = Field(None, description="which benched model the budgets apply to (default: last)")
+    batch_size: int | None = Field(None, ge=1, description="batch size the latency budgets apply to (default: smallest benched)")
     latency_p50_ms: float | None = Field(None, gt=0)
     latency_p95_ms: float | None = Field(None, gt=0)
     size_kb: float | None = Field(None, gt=0)
@@ -211,7 +212,7 @@ class BenchConfig(_Strict):
     threads: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1])
     warmup: int = Field(50, ge=0)
     runs: int = Field(500, ge=1)
-    min_time_s: float | None = Field(None, gt=0)
+    min_time_s: float | None = Field(None, gt=0, description="keep timing until this many seconds have passed too")
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     accuracy_samples: int | None = Field(None, ge=1)
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)

@@ -1,0 +1,275 @@
+"""The bench measurement worker: one model, one provider, one thread count, in a fresh process.
+
+``python -m edgecli.benchworker SPEC.json OUT.json``. The parent (edgecli.stages.bench) starts one
+worker per measurement so that memory figures are this model's alone and no model warms caches or
+thread pools for the next. ONNX workers never import torch (the result records whether it was);
+the PyTorch eager baseline worker does.
+
+Order inside the worker, and what each figure covers:
+
+1. import the runtime (``import_ms``), read the timing inputs (the first rows of the test split);
+2. cold start: session creation / model build + weights (``load_ms``), first inference (``first_ms``);
+3. per batch size: ``warmup`` untimed runs, then timed runs, ``time.perf_counter_ns`` around the
+   run call only, until ``runs`` runs are done and (when set) ``min_time_s`` has passed;
+4. ``peak_rss_kb``: the process's peak resident memory (``ru_maxrss``) at this point: imports,
+   model, and inference at every benched batch size, but not the accuracy pass;
+5. accuracy and the other classification metrics over the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+# timed runs stop here even if min_time_s has not passed: results.json keeps every latency
+MAX_RUNS = 200_000
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(bfloat16)": np.float32,
+}
+
+
+def _rss_kb() -> int:
+    """Current resident memory in KB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _peak_rss_kb() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak // 1024) if sys.platform == "darwin" else int(peak)  # macOS reports bytes
+
+
+def _time_loop(call, warmup: int, runs: int, min_time_s: float | None) -> list[int]:
+    """Latencies in ns of ``call()``: the clock brackets the call and nothing else."""
+    for _ in range(warmup):
+        call()
+    pc = time.perf_counter_ns
+    min_ns = int(min_time_s * 1e9) if min_time_s else 0
+    lat: list[int] = []
+    start = pc()
+    while True:
+        t0 = pc()
+        call()
+        t1 = pc()
+        lat.append(t1 - t0)
+        if len(lat) >= runs and (t1 - start) >= min_ns:
+            break
+        if len(lat) >= MAX_RUNS:
+            break
+    return lat
+
+
+def _load_inputs(spec: dict):
+    """(x, y) from the parent's .npy files, memory-mapped so only the rows used are read."""
+    x = np.load(spec["x"], mmap_mode="r") if spec.get("x") else None
+    y = np.load(spec["y"]) if spec.get("y") else None
+    return x, y
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+def _fit_note(inputs, x) -> str | None:
+    """None when the test split fits the model's single input; else why it does not."""
+    if x is None:
+        return "no test split available for this model's inputs"
+    if len(inputs) != 1:
+        return f"model has {len(inputs)} inputs; the test split is one array"
+    shape = inputs[0].shape
+    if len(shape) != x.ndim:
+        return f"model input {inputs[0].name} has rank {len(shape)}, the test split has shape {list(x.shape[1:])} per sample"
+    for want, got in zip(shape[1:], x.shape[1:], strict=True):
+        if isinstance(want, int) and want != got:
+            return f"model input {inputs[0].name} expects {list(shape)}, the test split has {list(x.shape[1:])} per sample"
+    return None
+
+
+def _synthetic(inp, batch: int, rng) -> np.ndarray:
+    dims = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape[1:]]
+    dtype = _ORT_DTYPES.get(inp.type, np.float32)
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(dims).astype(dtype)
+    if dtype == np.bool_:
+        return np.ones(dims, dtype=dtype)
+    return np.zeros(dims, dtype=dtype)
+
+
+def _fixed_batch(inp) -> int | None:
+    d = inp.shape[0] if inp.shape else None
+    return d if isinstance(d, int) and d > 0 else None
+
+
+def _onnx_predict(sess, name: str, x: np.ndarray, dtype, fixed: int | None, chunk: int = 256) -> np.ndarray:
+    """First output over ``x``; a fixed-batch model gets chunks of its batch size, the last one padded."""
+    step = fixed or chunk
+    outs = []
+    for i in range(0, len(x), step):
+        xb = np.asarray(x[i : i + step], dtype=dtype)
+        n = len(xb)
+        if fixed and n < fixed:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], fixed - n, axis=0)])
+        outs.append(np.asarray(sess.run(None, {name: xb})[0])[:n])
+    return np.concatenate(outs)
+
+
+def measure_onnx(spec: dict) -> dict:
+    t0 = time.perf_counter()
+    import onnxruntime  # noqa: F401 - timed on its own: part of a deployer's cold start
+
+    from edgecli.runtime import make_session
+
+    import_ms = (time.perf_counter() - t0) * 1e3
+    x, y = _load_inputs(spec)
+    rss_before = _rss_kb()
+    t0 = time.perf_counter()
+    sess = make_session(spec["model"], threads=spec["threads"], providers=spec["providers"])
+    load_ms = (time.perf_counter() - t0) * 1e3
+    inputs = sess.get_inputs()
+    note = _fit_note(inputs, x)
+    rng = np.random.default_rng(0)
+    batch_sizes = spec["batch_sizes"]
+    fixed = _fixed_batch(inputs[0]) if len(inputs) == 1 else None
+
+    def feed_for(b: int) -> dict:
+        if note is None:
+            xb = np.asarray(x[:b], dtype=_ORT_DTYPES.get(inputs[0].type, np.float32))
+            if len(xb) < b:  # fewer test samples than the batch: repeat them
+                xb = np.ascontiguousarray(np.resize(xb, (b, *xb.shape[1:])))
+            return {inputs[0].name: np.ascontiguousarray(xb)}
+        return {i.name: _synthetic(i, b, rng) for i in inputs}
+
+    runnable = [b for b in batch_sizes if fixed is None or b == fixed]
+    first_ms = None
+    batches = []
+    for b in batch_sizes:
+        if b not in runnable:
+            batches.append({"batch": b, "skipped": f"model has a fixed batch size of {fixed}"})
+            continue
+        feed = feed_for(b)
+        if first_ms is None:
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            first_ms = (time.perf_counter() - t0) * 1e3
+        lat = _time_loop(lambda feed=feed: sess.run(None, feed), spec["warmup"], spec["runs"], spec.get("min_time_s"))
+        batches.append({"batch": b, "latencies_ns": lat})
+    peak = _peak_rss_kb()
+
+    metrics = None
+    if note is None and y is not None:
+        n = spec.get("accuracy_samples") or len(y)
+        dtype = _ORT_DTYPES.get(inputs[0].type, np.float32)
+        logits = _onnx_predict(sess, inputs[0].name, x[:n], dtype, fixed)
+        metrics = _metrics(logits, y[:n], spec.get("num_classes"))
+    return {
+        "providers_used": sess.get_providers(),
+        "input": {"name": inputs[0].name, "shape": [d if isinstance(d, int) else str(d) for d in inputs[0].shape],
+                  "type": inputs[0].type},
+        "synthetic_inputs": note is not None,
+        "accuracy_note": note,
+        "import_ms": import_ms, "load_ms": load_ms, "first_ms": first_ms,
+        "rss_before_load_kb": rss_before, "peak_rss_kb": peak, "peak_rss_with_accuracy_kb": _peak_rss_kb(),
+        "batches": batches, "metrics": metrics,
+    }
+
+
+# --------------------------------------------------------------------------- PyTorch eager
+
+
+def measure_torch(spec: dict) -> dict:
+    threads = int(spec["threads"])
+    t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable once, before any parallel work
+        pass
+    from edgecli.models import build_model
+    from edgecli.training import load_weights_file
+
+    import_ms = (time.perf_counter() - t0) * 1e3
+    x, y = _load_inputs(spec)
+    if x is None:
+        raise ValueError("the PyTorch baseline needs the test split")
+    info = spec["model_info"]
+    rss_before = _rss_kb()
+    t0 = time.perf_counter()
+    model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args") or {})
+    model.load_state_dict(load_weights_file(Path(spec["weights"])))
+    model.eval()
+    load_ms = (time.perf_counter() - t0) * 1e3
+    first_ms = None
+    batches = []
+    with torch.inference_mode():
+        for b in spec["batch_sizes"]:
+            xb = np.ascontiguousarray(np.resize(np.asarray(x[:b], dtype=np.float32), (b, *x.shape[1:])))
+            tb = torch.from_numpy(xb)
+            if first_ms is None:
+                t0 = time.perf_counter()
+                model(tb)
+                first_ms = (time.perf_counter() - t0) * 1e3
+            lat = _time_loop(lambda tb=tb: model(tb), spec["warmup"], spec["runs"], spec.get("min_time_s"))
+            batches.append({"batch": b, "latencies_ns": lat})
+        peak = _peak_rss_kb()
+        metrics = None
+        if y is not None:
+            n = spec.get("accuracy_samples") or len(y)
+            xs = np.asarray(x[:n], dtype=np.float32)
+            logits = np.concatenate([model(torch.from_numpy(np.ascontiguousarray(xs[i : i + 256]))).float().numpy()
+                                     for i in range(0, n, 256)])
+            metrics = _metrics(logits, y[:n], spec.get("num_classes"))
+    return {
+        "providers_used": ["torch-cpu"], "input": {"name": "x", "shape": ["batch", *list(x.shape[1:])], "type": "float32"},
+        "synthetic_inputs": False, "accuracy_note": None,
+        "import_ms": import_ms, "load_ms": load_ms, "first_ms": first_ms,
+        "rss_before_load_kb": rss_before, "peak_rss_kb": peak, "peak_rss_with_accuracy_kb": _peak_rss_kb(),
+        "batches": batches, "metrics": metrics, "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _metrics(logits: np.ndarray, y: np.ndarray, num_classes: int | None) -> dict:
+    from edgecli.metrics import classification_metrics
+
+    logits = np.asarray(logits)
+    pred = logits.reshape(len(logits), -1).argmax(-1)
+    k = max(int(num_classes or 0), int(logits.reshape(len(logits), -1).shape[-1]), int(np.max(y)) + 1 if len(y) else 0)
+    return classification_metrics(np.asarray(y), pred, k)
+
+
+def main(argv: list[str]) -> int:
+    """Run one measurement; the result (or the error) goes to OUT.json, exit status 0 either way."""
+    spec_path, out_path = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_path.read_text())
+    try:
+        res = measure_torch(spec) if spec["kind"] == "torch" else measure_onnx(spec)
+        res["ok"] = True
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which turns it into a one-line error
+        from edgecli.errors import EdgeError
+
+        msg = e.message if isinstance(e, EdgeError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        res = {"ok": False, "error": msg, "user_error": isinstance(e, EdgeError), "traceback": traceback.format_exc()}
+    res["torch_imported"] = "torch" in sys.modules
+    res["pid"] = os.getpid()
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(json.dumps(res))
+    os.replace(tmp, out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
