@@ -259,10 +259,11 @@ def _jsonable(obj):
 
 def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet: bool = False) -> StageResult:
     """Compose cfg.compress.steps on the configured input and publish the chosen model."""
+    from edgecli.artifacts import STAGES
     from edgecli.report import info as log_info
 
+    check_steps(cfg, from_stage=cfg.compress.input in STAGES)  # config mistakes first, before any file
     stage, src_path = _input_ref(cfg, store)
-    check_steps(cfg, from_stage=stage is not None)
     fp = fingerprint(cfg, store, stage, src_path)
     state: dict = {}
     log = (lambda m: None) if quiet else (lambda m: log_info(f"compress: {m}"))
@@ -386,7 +387,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
                      f"{', '.join(c.failed) or 'build'}) is in candidate_best.onnx for inspection")
     first = records[0]["before"] if records else {}
     final_bytes = model_bytes(w.path("model.onnx"))
-    input_bytes = model_bytes(src)
+    input_bytes = model_bytes(src_path)  # as the user holds it, external data included
     q_fails = [r["failed_constraint"] for r in records if r.get("failed_constraint")]
     report = {
         "input": {"ref": cfg.compress.input, "bytes": input_bytes, "score": first.get("score"),
