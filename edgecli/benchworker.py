@@ -11,7 +11,7 @@ Order inside the worker, and what each figure covers:
 2. cold start: session creation / model build + weights (``load_ms``), first inference (``first_ms``);
 3. per batch size: ``warmup`` untimed runs, then timed runs, ``time.perf_counter_ns`` around the
    run call only, until ``runs`` runs are done and (when set) ``min_time_s`` has passed;
-4. ``peak_rss_kb``: the process's peak resident memory (``ru_maxrss``) at this point: imports,
+4. ``peak_rss_kb``: the process's peak resident memory (VmHWM, see ``_peak_rss_kb``) at this point: imports,
    model, and inference at every benched batch size, but not the accuracy pass;
 5. accuracy and the other classification metrics over the test split.
 """
@@ -49,6 +49,19 @@ def _rss_kb() -> int:
 
 
 def _peak_rss_kb() -> int:
+    """This process's peak resident memory in KB.
+
+    VmHWM first: Linux carries ``ru_maxrss`` across fork+exec, so a worker started by a 150 MB
+    parent would report at least 150 MB whatever it loads; VmHWM belongs to the worker's own
+    address space. ``ru_maxrss`` where /proc is absent (macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak // 1024) if sys.platform == "darwin" else int(peak)  # macOS reports bytes
 

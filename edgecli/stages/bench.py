@@ -410,6 +410,8 @@ def compare_baseline(rows: list[dict], baseline: dict, target: str, max_regressi
 def fmt_ms(v: float | None) -> str:
     if v is None:
         return "-"
+    if 0 < v < 0.001:  # only budgets get this small; "0.0000" would hide the limit
+        return f"{v:.2g}"
     return f"{v:.4f}" if v < 1 else f"{v:.3f}" if v < 100 else f"{v:.1f}"
 
 
@@ -511,6 +513,7 @@ def pareto_front(points: list[dict]) -> list[int]:
 def plot_pareto(points: list[dict], path: Path, title: str) -> None:
     """Accuracy vs p50 latency, marker area by file size, Pareto front highlighted, points labelled."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgba
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 5), dpi=120)
@@ -523,8 +526,8 @@ def plot_pareto(points: list[dict], path: Path, title: str) -> None:
         front = set(pareto_front(pts))
         for i, p in enumerate(pts):
             on = i in front
-            ax.scatter([p["p50_ms"]], [p["accuracy"]], s=area[i], alpha=0.55,
-                       color="tab:orange" if p["kind"] == "torch" else "tab:blue",
+            face = to_rgba("tab:orange" if p["kind"] == "torch" else "tab:blue", 0.55)
+            ax.scatter([p["p50_ms"]], [p["accuracy"]], s=area[i], facecolors=[face],
                        edgecolors="crimson" if on else "black", linewidths=2.2 if on else 0.6, zorder=3)
             ax.annotate(f"{p['label']}\n{fmt_ms(p['p50_ms'])} ms, {fmt_size(p['size_bytes'])}",
                         (p["p50_ms"], p["accuracy"]), textcoords="offset points", xytext=(8, 8), fontsize=8)
@@ -592,9 +595,12 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     usable, skipped = resolve_providers(list(bc.providers))
     providers = [p for p in bc.providers if p in usable] or ["CPUExecutionProvider"]
     skipped_info = [{"provider": p, "reason": "not available in this onnxruntime build"} for p in skipped]
-    for s in skipped_info:
-        notes.append(f"provider {s['provider']} skipped: {s['reason']} (available: "
-                     f"{', '.join(usable)})")
+    if skipped_info:
+        from edgecli.runtime import available_providers
+
+        avail = ", ".join(available_providers())
+        for s in skipped_info:
+            notes.append(f"provider {s['provider']} skipped: {s['reason']} (available: {avail})")
     fp = fingerprint(cfg, targets)
     state: dict = {}
 
@@ -610,8 +616,10 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
         allnotes = notes + mnotes
         ref_acc = _reference_accuracy(store, measurements)
         budgets = check_budgets(cfg, rows, measurements, target, ref_acc)
-        failures = [f"{x['budget']} broken by {x['model']} ({x['where']}): measured "
-                    f"{fmt_budget_value(x['measured'], x['unit'])}, limit {fmt_budget_value(x['limit'], x['unit'])}"
+        failures = [f"{x['budget']} broken by {x['model']} ({x['where']}): "
+                    + (f"measured {fmt_budget_value(x['measured'], x['unit'])}" if x["measured"] is not None
+                       else "not measured")
+                    + f", limit {fmt_budget_value(x['limit'], x['unit'])}"
                     for x in budgets if not x["ok"]]
         regression = None
         if base_data is not None:
