@@ -446,7 +446,8 @@ class QuantizeJob:
             elif cand.mode == "fp16":
                 convert_fp16_file(self.src, dst, cand.excluded_nodes)
             elif cand.mode == "int4_weight_only":
-                quantize_int4_file(prepped, dst, block_size=o["block_size"], symmetric=o["symmetric"],
+                # the input as given: pre-processing fuses MatMul+Add into Gemm, which MatMulNBits cannot take
+                quantize_int4_file(self.src, dst, block_size=o["block_size"], symmetric=o["symmetric"],
                                    accuracy_level=o.get("accuracy_level"), nodes_to_exclude=cand.excluded_nodes)
             cand.path = dst
             from edgecli.onnxio import model_bytes
