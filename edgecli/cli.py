@@ -190,7 +190,10 @@ def bench(
     verbose: VerboseOpt = False,
     dry_run: DryRunOpt = False,
 ):
-    """Measure latency percentiles, throughput, memory, size and accuracy; enforce budgets."""
+    """Measure latency percentiles, throughput, memory, size and accuracy; enforce budgets.
+
+    Always measures again (results are observations, never "up to date"); --force changes nothing.
+    """
     _invoke("bench", config, set_, force=force, json_out=json_out, quiet=quiet, verbose=verbose, dry_run=dry_run,
             baseline=baseline)
 

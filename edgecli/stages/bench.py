@@ -537,9 +537,9 @@ def plot_pareto(points: list[dict], path: Path, title: str) -> None:
             for p in fr[1:]:
                 xs_ += [p["p50_ms"], p["p50_ms"]]
                 ys_ += [ys_[-1], p["accuracy"]]
-            ax.plot(xs_, ys_, color="crimson", linewidth=1.2, linestyle="--", zorder=2, label="Pareto front")
+            ax.plot(xs_, ys_, color="crimson", linewidth=1.2, linestyle="--", zorder=2, label="Pareto front (red outline)")
         else:
-            ax.plot([], [], color="crimson", linestyle="--", label="Pareto front")
+            ax.plot([], [], color="crimson", linestyle="--", label="Pareto front (red outline)")
         lat = [p["p50_ms"] for p in pts]
         if max(lat) / max(min(lat), 1e-9) > 20:
             ax.set_xscale("log")
