@@ -20,12 +20,18 @@ $(VENV)/.installed: pyproject.toml
 
 run: install
 	$(BIN)/edgecli train -c $(CONFIG)
+	$(BIN)/edgecli compress -c $(CONFIG)
+	$(BIN)/edgecli bench -c $(CONFIG)
 
 test: install
 	$(BIN)/python -m pytest -q
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
+
+bench: install
+	$(BIN)/python benchmarks/bench_overhead.py
+	$(BIN)/python benchmarks/quantization.py
 
 lint: install
 	$(BIN)/ruff check edgecli tests benchmarks
