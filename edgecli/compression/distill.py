@@ -117,20 +117,15 @@ def load_teacher(ctx, ref: str = "train"):
     return teacher
 
 
-def _val_subset(ctx):
-    n = ctx.cfg.compress.eval_samples
-    v = ctx.splits.val
-    if n and n < len(v.y):
-        return v.x[:n], v.y[:n]
-    return v.x, v.y
-
-
 def val_accuracy(model, ctx) -> float:
-    """Validation accuracy in PyTorch on the samples that score candidates (compress.eval_samples)."""
+    """Validation accuracy in PyTorch on the whole validation split.
+
+    The whole split, like ``ctx.baseline_val_accuracy`` (the train stage's val accuracy), so the
+    accuracy drop compares like with like; fine-tuning scores every epoch on it anyway.
+    """
     from edgecli.training import evaluate
 
-    x, y = _val_subset(ctx)
-    m, _ = evaluate(model, x, y, ctx.num_classes)
+    m, _ = evaluate(model, ctx.splits.val.x, ctx.splits.val.y, ctx.num_classes)
     return float(m["accuracy"])
 
 

@@ -362,7 +362,7 @@ def prune_step(ctx, opts) -> dict:
         "params_before": base[0], "params_after": params, "macs_before": base[1], "macs_after": macs,
         "params_fraction": round(params / base[0], 4), "macs_fraction": round(macs / base[1], 4),
         "val_accuracy_before": input_acc, "val_accuracy_after": best_info["val_accuracy"],
-        "max_accuracy_drop": limit, "constraint_failed": failed, "tries": tries,
+        "max_accuracy_drop": limit, "failed_constraint": failed, "tries": tries,
         "conv_channels": {k: {"before": list(base_channels[k]), "after": list(after_channels.get(k, ()))}
                           for k in base_channels},
         "seconds": round(time.time() - t0, 2),
