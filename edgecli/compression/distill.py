@@ -148,6 +148,12 @@ def distill_step(ctx, opts) -> dict:
     before_params = count_params(ctx.model)
     teacher_acc = val_accuracy(teacher, ctx)
     if opts.student is not None:
+        from edgecli.models import MODELS
+
+        try:
+            MODELS.check(opts.student.arch)
+        except ConfigError as e:  # name the key the user wrote, not model.arch
+            raise ConfigError(e.message.replace("model.arch:", "distill.student.arch:", 1)) from None
         seed_everything(cfg.seed, cfg.train.deterministic)
         student = build_model(opts.student.arch, ctx.model_info["input_shape"], ctx.num_classes,
                               opts.student.args, key="distill.student")
