@@ -33,6 +33,9 @@ def _onnx_conv_out_channels(path) -> list[int]:
 
     m = onnx.load(str(path))
     inits = {t.name: list(t.dims) for t in m.graph.initializer}
+    for n in m.graph.node:  # a QDQ model feeds Conv its weight through DequantizeLinear
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            inits[n.output[0]] = inits[n.input[0]]
     return [inits[n.input[1]][0] for n in m.graph.node if n.op_type == "Conv"]
 
 
@@ -200,3 +203,46 @@ def test_compress_cli_prune_publishes_pruned_weights_and_onnx(trained_cnn, copy_
     assert _onnx_conv_out_channels(out / "model.onnx") == [8, 16, 16]
     model = rebuild_pruned(p.manifest("train")["model_info"], load_weights_file(out / "weights.safetensors"))
     assert [m.out_channels for m in model.modules() if hasattr(m, "out_channels")] == [8, 16, 16]
+
+
+@pytest.mark.slow
+def test_resnet8_full_recipe_prune_distill_quantize(tmp_path):
+    """Issue 4's goal on digits-resnet8: prune 0.5 + distillation + fine-tune, then distill, then quantize,
+    in one `edgecli compress`: <= 35% params and MACs, accuracy drop <= 0.01 (about 3 minutes)."""
+    import yaml
+
+    from edgecli.compression.prune import rebuild_pruned
+    from edgecli.data import load_splits
+    from edgecli.training import evaluate, load_weights_file
+    from tests.conftest import REPO, Pipeline
+
+    cfg = yaml.safe_load((REPO / "configs" / "digits-resnet8.yaml").read_text())
+    cfg["artifacts_dir"] = str(tmp_path / "artifacts")
+    cfg["compress"] = {"input": "train", "max_accuracy_drop": 0.01, "objective": "latency", "steps": [
+        {"prune": {"importance": "l1", "ratio": 0.5, "finetune_epochs": 10,
+                   "distill": {"alpha": 0.7, "temperature": 4.0}}},
+        {"distill": {"alpha": 0.7, "temperature": 4.0, "epochs": 5, "lr": 0.001}},
+        {"quantize": {"mode": "static", "format": "qdq", "per_channel": True,
+                      "calibration": {"method": "minmax", "samples": 256}}}]}
+    p = Pipeline(tmp_path, write_config(tmp_path / "config.yaml", cfg), cfg)
+    for stage in ("train", "compress"):
+        r = edgecli(stage, "-c", str(p.config), "-q", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    report = json.loads((p.run_dir / "compress" / "report.json").read_text())
+    assert [s["kind"] for s in report["steps"]] == ["prune", "distill", "quantize"]
+    prune = report["steps"][0]
+    assert prune["after"]["params"] <= 0.35 * prune["before"]["params"]
+    assert prune["after"]["macs"] <= 0.35 * prune["before"]["macs"]
+    assert prune["details"]["ratio_achieved"] == 0.5
+    train_val = p.manifest("train")["metrics"]["val_accuracy"]
+    assert report["final"]["score"] >= train_val - 0.01
+    # test accuracy of the published PyTorch weights (pruned shapes) against the trained model
+    from edgecli.config import PipelineConfig
+
+    splits = load_splits(PipelineConfig.model_validate(cfg))
+    info = p.manifest("train")["model_info"]
+    pruned = rebuild_pruned(info, load_weights_file(p.run_dir / "compress" / "weights.safetensors"))
+    trained = rebuild_pruned(info, load_weights_file(p.run_dir / "train" / "weights.safetensors"))
+    acc = [evaluate(m, splits.test.x, splits.test.y, 10)[0]["accuracy"] for m in (trained, pruned)]
+    assert acc[1] >= acc[0] - 0.01
+    assert max(_onnx_conv_out_channels(p.run_dir / "compress" / "model.onnx")) <= 32

@@ -97,13 +97,10 @@ def conv_channels(model) -> dict[str, tuple[int, int]]:
 
 
 def count_params_macs(model, example) -> tuple[int, int]:
-    """(parameters, multiply-accumulates at batch 1) as torch-pruning counts them."""
-    import torch
-    import torch_pruning as tp
+    """(parameters, conv + linear multiply-accumulates at batch 1), counted as the compress stage counts them."""
+    from edgecli.models.zoo import count_macs, count_params
 
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, example)
-    return int(params), int(macs)
+    return int(count_params(model)), int(count_macs(model, list(example.shape[1:])))
 
 
 # --------------------------------------------------------------------------- channel pruning
