@@ -125,6 +125,27 @@ def test_params_target_searches_the_channel_ratio(trained_cnn):
     assert 0.2 < d["channel_ratio"] < 0.5
 
 
+@pytest.mark.parametrize("opts", [
+    {"importance": "taylor"}, {"importance": "bn_scale"}, {"global_pruning": True},
+    {"iterative_steps": 3, "finetune_epochs": 3, "importance": "taylor", "distill": {"alpha": 0.7}},
+    {"target": "macs", "ratio": 0.5, "round_to": 4},
+], ids=["taylor", "bn_scale", "global", "iterative-taylor-distill", "macs-round_to"])
+def test_importance_scope_and_schedule_variants_shrink_the_model(trained_cnn, opts):
+    from edgecli.compression.prune import prune_step
+
+    ctx = _ctx_from_pipeline(trained_cnn)
+    d = prune_step(ctx, PruneConfig(**{"finetune_epochs": 1, **opts}))
+    chans = [v["after"][1] for v in d["conv_channels"].values()]
+    assert d["params_after"] < 0.5 * d["params_before"]
+    assert sum(chans) < 0.8 * (16 + 32 + 32)
+    if opts.get("round_to"):
+        assert all(c % 4 == 0 for c in chans)
+        assert 1 - d["macs_after"] / d["macs_before"] >= 0.5
+    if opts.get("iterative_steps"):
+        assert d["tries"][0]["finetune_epochs_run"] == 3  # one epoch after each of the 3 pruning steps
+    assert d["val_accuracy_after"] > 0.3  # still a classifier, not a broken graph
+
+
 def test_ignore_names_are_checked(trained_cnn):
     from edgecli.compression.prune import prune_step
 

@@ -185,33 +185,36 @@ def _prune_copy(model, example, opts, channel_ratio: float, ctx, loss_fn):
 
 
 def _channel_ratio_for(model, example, opts, target: float, base: tuple[int, int], ctx, loss_fn) -> tuple[float, float]:
-    """The smallest channel ratio whose pruned copy removes ``target`` of params (or MACs)."""
+    """The smallest channel ratio whose pruned copy removes ``target`` of params (or MACs).
+
+    Returns (channel ratio, fraction removed). When no ratio up to 0.9 reaches the target (round_to
+    can forbid the last channels), the ratio that removed the most.
+    """
     which = 0 if opts.target == "params" else 1
-    lo, hi = 0.0, 0.95
+    seen: dict[float, float] = {}
 
     def removed(c: float) -> float:
-        counts = count_params_macs(_prune_copy(model, example, opts, c, ctx, loss_fn), example)
-        return 1.0 - counts[which] / base[which]
+        if c not in seen:
+            counts = count_params_macs(_prune_copy(model, example, opts, c, ctx, loss_fn), example)
+            seen[c] = 1.0 - counts[which] / base[which]
+        return seen[c]
 
-    if removed(hi) < target:
-        return hi, removed(hi)
-    # removed fraction of params/MACs grows about like 1 - (1 - c)^2: start the bisection near it
-    guess = min(hi, max(0.01, 1.0 - math.sqrt(1.0 - target)))
-    r = removed(guess)
-    if r >= target:
-        hi, best = guess, r
-    else:
-        lo, best = guess, removed(hi)
+    # removed fraction of params/MACs grows about like 1 - (1 - c)^2: start near that, then widen
+    lo, hi = 0.0, min(0.9, max(0.01, 1.0 - math.sqrt(1.0 - target)))
+    while removed(hi) < target:
+        if hi >= 0.9:
+            best = max(seen, key=seen.get)
+            return best, seen[best]
+        lo, hi = hi, min(0.9, hi + (1.0 - hi) / 2)
     for _ in range(7):
-        mid = (lo + hi) / 2
-        r = removed(mid)
-        if r >= target:
-            hi, best = mid, r
-        else:
-            lo = mid
         if hi - lo < 0.005:
             break
-    return hi, best
+        mid = (lo + hi) / 2
+        if removed(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi, removed(hi)
 
 
 def _finetune(model, ctx, opts, epochs: int, loss_fn, desc: str):
@@ -340,6 +343,10 @@ def prune_step(ctx, opts) -> dict:
     elif best_info["ratio"] < opts.ratio:
         failed = (f"max_accuracy_drop: ratio {opts.ratio:g} lost {tries[0]['accuracy_drop']:.4f} > {limit:g}; "
                   f"backed off to {best_info['ratio']:g}")
+    if best_info.get("search_removed") is not None and best_info["search_removed"] < best_info["ratio"] - 1e-9:
+        failed = ((failed + "; ") if failed else "") + (
+            f"target: no channel ratio up to 0.9 removes {best_info['ratio']:g} of {opts.target} "
+            f"(at most {best_info['search_removed']:.4f}; round_to and ignored layers limit it)")
     ctx.model = best.eval()
     params, macs = best_info["params"], best_info["macs"]
     after_channels = conv_channels(best)
