@@ -388,7 +388,9 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
     first = records[0]["before"] if records else {}
     final_bytes = model_bytes(w.path("model.onnx"))
     input_bytes = model_bytes(src_path)  # as the user holds it, external data included
-    q_fails = [r["failed_constraint"] for r in records if r.get("failed_constraint")]
+    # torch steps report theirs in details (e.g. prune back-off that never held the drop)
+    q_fails = [r.get("failed_constraint") or (r.get("details") or {}).get("failed_constraint") for r in records]
+    q_fails = [f for f in q_fails if f]
     report = {
         "input": {"ref": cfg.compress.input, "bytes": input_bytes, "score": first.get("score"),
                   "p50_ms": first.get("p50_ms"), "inputs": [s.describe() for s in inputs]},
