@@ -73,6 +73,8 @@ def load_raw(cfg):
         rng = np.random.default_rng(cfg.seed)
         keep = np.sort(rng.choice(len(ds), cfg.data.max_samples, replace=False))
         ds.x, ds.y = ds.x[keep], ds.y[keep]
+        if getattr(ds, "test_mask", None) is not None:
+            ds.test_mask = ds.test_mask[keep]
     if len(ds) < 10:
         raise DataError(f"{ds.source}: only {len(ds)} samples; need at least 10 to split train/val/test")
     return ds
@@ -81,7 +83,13 @@ def load_raw(cfg):
 def load_splits(cfg) -> Splits:
     """Load the dataset, split it with the pipeline seed, fit preprocessing on train, apply to all."""
     ds = load_raw(cfg)
-    tr, va, te = split_indices(ds.y, cfg.data.val_split, cfg.data.test_split, cfg.seed)
+    test_mask = getattr(ds, "test_mask", None)  # a dataset that ships its own held-out test file
+    if test_mask is not None and test_mask.any():
+        rest = np.flatnonzero(~test_mask)
+        tr, va, _ = split_indices(ds.y[rest], cfg.data.val_split, 0.0, cfg.seed)
+        tr, va, te = rest[tr], rest[va], np.flatnonzero(test_mask)
+    else:
+        tr, va, te = split_indices(ds.y, cfg.data.val_split, cfg.data.test_split, cfg.seed)
     if len(tr) == 0:
         raise DataError(f"{ds.source}: no training samples after the split")
     if ds.kind == "text":
@@ -93,7 +101,7 @@ def load_splits(cfg) -> Splits:
 
     def make(idx: np.ndarray) -> Split:
         raw = ds.x[idx]
-        x = spec.apply(raw) if ds.kind != "text" else raw
+        x = spec.apply(raw)
         return Split(x, ds.y[idx], raw)
 
     return Splits(make(tr), make(va), make(te), spec, ds.class_names, ds.kind, ds.source)

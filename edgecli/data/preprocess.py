@@ -80,6 +80,14 @@ class PreprocessSpec:
                 raise DataError(f"{what}: expected {self.raw_shape[2]} channel(s), got {x.shape[3]}")
             if self.resize is None and list(x.shape[1:3]) != self.raw_shape[:2]:
                 raise DataError(f"{what}: expected {self.raw_shape[0]}x{self.raw_shape[1]} pixels, got {x.shape[1]}x{x.shape[2]}")
+        elif self.kind == "text":
+            if x.ndim != 1:
+                raise DataError(f"{what}: expected a list of sentences, got shape {list(x.shape)}")
+            for i, t in enumerate(x):
+                if not isinstance(t, str):
+                    raise DataError(f"{what}: item {i} is {type(t).__name__}, expected a string")
+                if not t.strip():
+                    raise DataError(f"{what}: item {i} is an empty sentence")
         elif self.kind == "table":
             if x.ndim != 2 or x.shape[1] != self.raw_shape[0]:
                 raise DataError(f"{what}: expected {self.raw_shape[0]} feature(s) per row, got shape {list(x.shape)}")
@@ -88,8 +96,13 @@ class PreprocessSpec:
             if not np.isfinite(x).all():
                 raise DataError(f"{what}: contains NaN or Inf")
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """Raw batch -> float32 model input batch."""
+    def apply(self, x: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+        """Raw batch -> float32 model input batch (text: a dict of int64 input_ids/attention_mask)."""
+        if self.kind == "text":
+            from edgecli.data.text import tokenize
+
+            # padded to this batch's longest sentence, never to max_length (16x slower at 7 tokens)
+            return tokenize(x, self.extra["tokenizer"], self.extra["max_length"])
         if self.kind == "image":
             x = resize_images(x, self.resize) if self.resize else x
             x = convert_channels(x, self.channels) if self.channels else x
