@@ -47,12 +47,14 @@ TRAIN = {
         "please turn the {room} light on", "can you switch the {room} lamp on", "put the lights on",
         "turn the lights on in the {room} please", "I need some light in the {room}", "light up the {room}",
         "could you turn on the lamp", "make it bright in the {room}",
+        "it is too dark in the {room}", "I can't see anything in here", "hey, lights on please",
     ],
     "lights_off": [
         "turn off the {room} lights", "switch off the lights in the {room}", "lights off in the {room}",
         "please turn the {room} light off", "can you switch the {room} lamp off", "kill the lights",
         "turn the lights off in the {room} please", "shut off the {room} lights", "make it dark in the {room}",
         "no more lights in the {room}", "could you turn off the lamp",
+        "it is too bright in the {room}", "hey, switch everything off in the {room}", "lights off please",
     ],
     "set_temperature": [
         "set the thermostat to {temp} degrees", "make it {temp} degrees in the {room}", "heat the house to {temp}",
@@ -74,6 +76,7 @@ TRAIN = {
         "turn the volume up", "turn it down", "make it louder", "set the volume to {level}",
         "volume {level}", "lower the volume in the {room}", "raise the volume", "it is too loud",
         "increase the volume please", "turn the sound down a bit",
+        "I can barely hear the music", "the music is too quiet", "hey, louder please",
     ],
     "set_timer": [
         "set a timer for {dur}", "start a {dur} timer", "timer for {dur}", "count down {dur}",
@@ -89,11 +92,13 @@ TRAIN = {
         "lock the {door}", "please lock the {door}", "is the {door} locked? lock it", "secure the {door}",
         "lock all the doors", "can you lock the {door}", "lock up the house", "make sure the {door} is locked",
         "bolt the {door}", "lock everything up for the night",
+        "I want the {door} locked", "make sure nobody can get in through the {door}", "get the {door} locked",
     ],
     "unlock_door": [
         "unlock the {door}", "please unlock the {door}", "open the lock on the {door}", "let me in the {door}",
         "unlock all the doors", "can you unlock the {door}", "unbolt the {door}", "release the lock on the {door}",
         "unlock the house", "disable the lock on the {door}",
+        "I want the {door} unlocked", "open the {door} for the delivery", "get the {door} unlocked",
     ],
 }
 
@@ -187,7 +192,7 @@ def write(path: Path, rows: list[tuple[str, str]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--train-per-class", type=int, default=40)
+    ap.add_argument("--train-per-class", type=int, default=50)
     ap.add_argument("--test-per-class", type=int, default=15)
     ap.add_argument("--seed", type=int, default=7)
     a = ap.parse_args()
