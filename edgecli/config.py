@@ -180,8 +180,10 @@ class CompressConfig(_Strict):
 
 
 class ParityConfig(_Strict):
-    atol: float = Field(1e-4, gt=0)
+    atol: float = Field(1e-4, gt=0, description="float input: max abs diff allowed between input and export")
     samples: int = Field(256, ge=1)
+    min_agreement_quantized: float = Field(
+        0.99, ge=0, le=1, description="quantized input: top-1 agreement required (offline fusion changes rounding)")
 
 
 class ExportConfig(_Strict):
