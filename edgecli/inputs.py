@@ -1,0 +1,358 @@
+"""Raw-input readers for ``edgecli infer``: files, arguments and JSON lines -> checked model inputs.
+
+One reader per model kind (``model_info["kind"]``: image, table, text; ``None`` for a model
+edgecli knows nothing about, which only takes .npy arrays of model inputs). Every reader turns an
+input into raw samples as a user holds them and then applies exactly the model's preprocessing
+(``PreprocessSpec.check_raw`` + ``apply``). numpy and Pillow only: no torch, no sklearn.
+
+Accepted inputs
+- image models: PNG/JPEG/BMP/GIF/TIFF/WebP files; .npy of uint8 pixels, one image (H, W) or
+  (H, W, C) or a batch (N, H, W[, C]) (integer arrays with values 0-255 are taken as pixels);
+- table models: .csv files of feature rows (header optional; a column named like the label is
+  dropped); .npy of one row (F,) or rows (N, F);
+- text models: each argument that is not an existing file is a sentence;
+- any model: ``-`` reads JSON lines on stdin, one request per line:
+  ``{"id": 7, "pixels": [[0, 255, ...], ...]}`` (image), ``{"features": [0.1, 2.0, ...]}`` (table),
+  ``{"text": "turn on the lights"}`` (text), ``{"path": "digit.png"}`` (any file above),
+  ``{"input": [[...]]}`` (model input values, for a model without edgecli metadata).
+
+Every problem is a ``Sample`` with ``error`` set (one line naming the input), never an exception.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecli.errors import DataError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+
+
+@dataclass
+class Sample:
+    """One answerable request: a model-input batch (``feeds``, n rows) or an error."""
+
+    name: str
+    feeds: dict[str, np.ndarray] | None = None
+    error: str | None = None
+    id: Any = None
+    n: int = 0
+    names: list[str] = field(default_factory=list)  # one name per row (a .npy batch: file.npy[i])
+
+
+class Reader:
+    """Turns raw inputs into model inputs for one model kind."""
+
+    kind = "?"
+
+    def __init__(self, info: dict | None, input_specs: list[dict]):
+        self.info = info or {}
+        self.inputs = input_specs  # [{"name", "shape", "dtype"}] of the session
+        spec = self.info.get("preprocess")
+        if spec:
+            from edgecli.data.preprocess import PreprocessSpec
+
+            self.spec = PreprocessSpec.from_dict(spec)
+        else:
+            self.spec = None
+
+    # ------------------------------------------------------------------ entry points
+    def argument(self, arg: str) -> Sample:
+        """A command-line argument: a file of a kind this model takes."""
+        p = Path(arg)
+        if not p.exists():
+            return Sample(arg, error=f"{arg}: no such file")
+        if p.is_dir():
+            return Sample(arg, error=f"{arg}: is a directory, expected a file")
+        return self._guard(arg, lambda: self.file(p, arg))
+
+    def json_line(self, line: str, where: str) -> Sample:
+        """One JSON request (a line of stdin)."""
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            return Sample(where, error=f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+        if not isinstance(obj, dict):
+            return Sample(where, error=f"{where}: expected a JSON object such as {self.example()}")
+        rid = obj.get("id")
+        name = str(rid) if rid is not None else where
+        if "path" in obj:
+            s = self.argument(str(obj["path"]))
+            s.id = rid
+            return s
+        s = self._guard(name, lambda: self.json_obj(obj, name))
+        s.id = rid
+        return s
+
+    def _guard(self, name: str, fn) -> Sample:
+        try:
+            return fn()
+        except DataError as e:
+            msg = e.message if e.message.startswith(name) else f"{name}: {e.message}"
+            return Sample(name, error=msg)
+        except (ValueError, TypeError, OverflowError) as e:
+            return Sample(name, error=f"{name}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+
+    # ------------------------------------------------------------------ to override
+    def file(self, path: Path, name: str) -> Sample:
+        raise NotImplementedError
+
+    def json_obj(self, obj: dict, name: str) -> Sample:
+        raise NotImplementedError
+
+    def example(self) -> str:
+        return '{"path": "x.npy"}'
+
+    # ------------------------------------------------------------------ helpers
+    def _preprocess(self, raw, name: str, rows: list[str] | None = None) -> Sample:
+        self.spec.check_raw(raw, name)
+        x = self.spec.apply(raw)
+        feeds = x if isinstance(x, dict) else {self.inputs[0]["name"]: x}
+        n = len(next(iter(feeds.values())))
+        return Sample(name, feeds=feeds, n=n, names=rows or _row_names(name, n))
+
+
+def _row_names(name: str, n: int) -> list[str]:
+    return [name] if n == 1 else [f"{name}[{i}]" for i in range(n)]
+
+
+def _load_npy(path: Path, name: str) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)  # never unpickle user files
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise DataError(f"{name}: holds Python objects (pickled); edgecli only reads plain numeric .npy arrays") from None
+        raise DataError(f"{name}: not a readable .npy array ({str(e).splitlines()[0][:120]})") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{name}: not a readable .npy array ({type(e).__name__})") from None
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"{name}: an .npz archive; give one .npy array per file")
+    return arr
+
+
+def _finite(arr: np.ndarray, name: str) -> None:
+    if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
+        if not np.isfinite(arr).all():
+            raise DataError(f"{name}: contains NaN or Inf")
+
+
+def _numeric(value, name: str, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        raise DataError(f"{name}: {what} must be a rectangular array of numbers (rows of unequal length)") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise DataError(f"{name}: {what} must be numbers, got {arr.dtype if arr.dtype != object else 'mixed values'}")
+    return arr
+
+
+class ImageReader(Reader):
+    kind = "image"
+
+    def example(self) -> str:
+        return '{"pixels": [[0, 255, ...], ...]} or {"path": "digit.png"}'
+
+    def _channels(self) -> int:
+        return int(self.spec.raw_shape[2])
+
+    def pixels(self, arr: np.ndarray, name: str) -> np.ndarray:
+        """A user's pixel array -> a uint8 (N, H, W, C) batch (shape checked by check_raw)."""
+        _finite(arr, name)
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.integer):
+                if arr.size and (arr.min() < 0 or arr.max() > 255):
+                    raise DataError(f"{name}: pixel values must be 0-255, got {arr.min()}..{arr.max()}")
+                arr = arr.astype(np.uint8)
+            else:
+                raise DataError(f"{name}: images must be 8-bit pixels (integers 0-255, uint8), got {arr.dtype}")
+        c = self._channels()
+        if arr.ndim == 2:  # one grayscale image
+            arr = arr[None, :, :, None]
+        elif arr.ndim == 3:
+            # (H, W, C) with the model's channel count, else a batch of grayscale (N, H, W)
+            if arr.shape[2] == c and (c == 3 or list(arr.shape[:2]) == self.spec.raw_shape[:2]):
+                arr = arr[None]
+            elif c == 1 and arr.shape[2] in (3, 4):
+                raise DataError(f"{name}: expected 1 channel (grayscale), got {arr.shape[2]}")
+            else:
+                arr = arr[..., None]
+        elif arr.ndim != 4:
+            raise DataError(f"{name}: expected an image (H, W[, C]) or a batch (N, H, W[, C]), got shape {list(arr.shape)}")
+        return arr
+
+    def file(self, path: Path, name: str) -> Sample:
+        suf = path.suffix.lower()
+        if suf == ".npy":
+            return self._preprocess(self.pixels(_load_npy(path, name), name), name)
+        if suf in (".csv", ".tsv", ".json", ".jsonl", ".txt"):
+            raise DataError(f"{name}: a {suf} file, but this is an image model; give image files or .npy pixels")
+        from edgecli.data.preprocess import load_image_file
+
+        img = load_image_file(str(path), self._channels())  # raises DataError naming the file
+        return self._preprocess(img[None], name)
+
+    def json_obj(self, obj: dict, name: str) -> Sample:
+        if "pixels" not in obj:
+            raise DataError(f"{name}: expected \"pixels\" (or \"path\") in the request, got keys {sorted(obj)}")
+        return self._preprocess(self.pixels(_numeric(obj["pixels"], name, "pixels"), name), name)
+
+
+class TableReader(Reader):
+    kind = "table"
+
+    def example(self) -> str:
+        return '{"features": [0.1, 2.0, ...]}'
+
+    def rows(self, arr: np.ndarray, name: str) -> np.ndarray:
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2:
+            raise DataError(f"{name}: expected feature rows (F,) or (N, F), got shape {list(arr.shape)}")
+        _finite(arr, name)
+        return arr.astype(np.float64)
+
+    def file(self, path: Path, name: str) -> Sample:
+        suf = path.suffix.lower()
+        if suf == ".npy":
+            return self._preprocess(self.rows(_numeric(_load_npy(path, name), name, "features"), name), name)
+        if suf in (".csv", ".tsv", ".txt"):
+            return self._preprocess(self.rows(self._csv(path, name), name), name)
+        raise DataError(f"{name}: this is a table model; give .csv rows or a .npy array, not a {suf or 'suffix-less'} file")
+
+    def _csv(self, path: Path, name: str) -> np.ndarray:
+        label = (self.info.get("label_column") or "label").lower()
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise DataError(f"{name}: not a text CSV file") from None
+        except OSError as e:
+            raise DataError(f"{name}: cannot read ({e.strerror})") from None
+        dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+        rows = [r for r in csv.reader(text.splitlines(), dialect=dialect) if r and any(c.strip() for c in r)]
+        if not rows:
+            raise DataError(f"{name}: empty CSV file")
+        drop = None
+        if not _is_number(rows[0][0]) or not all(_is_number(c) for c in rows[0]):
+            header = [c.strip().lower() for c in rows[0]]
+            drop = header.index(label) if label in header else None
+            rows = rows[1:]
+        out = []
+        for i, r in enumerate(rows, start=2 if drop is not None else 1):
+            vals = [c for j, c in enumerate(r) if j != drop]
+            try:
+                out.append([float(c) for c in vals])
+            except ValueError:
+                raise DataError(f"{name}: line {i}: not all values are numbers") from None
+        if len({len(r) for r in out}) > 1:
+            raise DataError(f"{name}: rows have different numbers of values")
+        return np.asarray(out, dtype=np.float64)
+
+    def json_obj(self, obj: dict, name: str) -> Sample:
+        if "features" not in obj:
+            raise DataError(f"{name}: expected \"features\" (or \"path\") in the request, got keys {sorted(obj)}")
+        return self._preprocess(self.rows(_numeric(obj["features"], name, "features"), name), name)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+class TextReader(Reader):
+    """Sentences: an argument that is not an existing file, or {"text": ...} lines."""
+
+    kind = "text"
+
+    def example(self) -> str:
+        return '{"text": "turn on the lights"}'
+
+    def argument(self, arg: str) -> Sample:
+        p = Path(arg)
+        if p.is_file() and p.suffix.lower() in (".txt",):
+            return self._guard(arg, lambda: self.file(p, arg))
+        return self._guard(_short(arg), lambda: self._preprocess(np.asarray([arg], dtype=object), _short(arg)))
+
+    def file(self, path: Path, name: str) -> Sample:
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{name}: cannot read as UTF-8 text ({type(e).__name__})") from None
+        if not lines:
+            raise DataError(f"{name}: no sentences in the file")
+        return self._preprocess(np.asarray(lines, dtype=object), name)
+
+    def json_obj(self, obj: dict, name: str) -> Sample:
+        t = obj.get("text")
+        if not isinstance(t, str):
+            raise DataError(f"{name}: expected \"text\": \"a sentence\" in the request")
+        return self._preprocess(np.asarray([t], dtype=object), name)
+
+
+def _short(s: str, n: int = 40) -> str:
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+class ModelInputReader(Reader):
+    """A model without edgecli metadata: .npy arrays (or JSON "input") that are model inputs already."""
+
+    kind = None
+
+    def example(self) -> str:
+        return '{"input": [[...]]}'
+
+    def check(self, arr: np.ndarray, name: str) -> Sample:
+        spec = self.inputs[0]
+        if len(self.inputs) != 1:
+            raise DataError(f"{name}: the model has {len(self.inputs)} inputs; edgecli infer feeds single-input models "
+                            "without edgecli metadata")
+        shape = spec["shape"]
+        if arr.ndim == len(shape) - 1:
+            arr = arr[None]
+        if arr.ndim != len(shape):
+            raise DataError(f"{name}: expected model input {spec['name']} of shape {shape}, got {list(arr.shape)}")
+        for i, (have, want) in enumerate(zip(arr.shape, shape, strict=True)):
+            if i > 0 and isinstance(want, int) and have != want:
+                raise DataError(f"{name}: expected model input {spec['name']} of shape {shape}, got {list(arr.shape)}")
+        want = np.dtype(spec["dtype"])
+        _finite(arr, name)
+        if arr.dtype != want:
+            same_family = (np.issubdtype(arr.dtype, np.floating) and np.issubdtype(want, np.floating)) or (
+                np.issubdtype(arr.dtype, np.integer) and np.issubdtype(want, np.integer))
+            if not same_family:
+                raise DataError(f"{name}: model input {spec['name']} is {want.name}, got {arr.dtype}")
+            arr = arr.astype(want)
+        return Sample(name, feeds={spec["name"]: np.ascontiguousarray(arr)}, n=len(arr), names=_row_names(name, len(arr)))
+
+    def file(self, path: Path, name: str) -> Sample:
+        if path.suffix.lower() != ".npy":
+            raise DataError(f"{name}: this model carries no edgecli preprocessing metadata, so infer only takes .npy "
+                            "arrays of model inputs (export it from an edgecli stage to feed raw images/CSV)")
+        return self.check(_numeric(_load_npy(path, name), name, "the array"), name)
+
+    def json_obj(self, obj: dict, name: str) -> Sample:
+        if "input" not in obj:
+            raise DataError(f"{name}: this model carries no edgecli metadata; send {{\"input\": [...]}} model input values")
+        return self.check(_numeric(obj["input"], name, "input"), name)
+
+
+READERS: dict[str | None, type[Reader]] = {"image": ImageReader, "table": TableReader, "text": TextReader,
+                                           None: ModelInputReader}
+
+
+def reader_for(info: dict | None, input_specs: list[dict]) -> Reader:
+    """The reader for this model's kind (model inputs only when the model has no edgecli metadata)."""
+    kind = (info or {}).get("kind") if (info or {}).get("preprocess") else None
+    cls = READERS.get(kind)
+    if cls is None:
+        raise DataError(f"infer: no reader for model kind '{kind}'")
+    return cls(info if kind else None, input_specs)
