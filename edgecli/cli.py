@@ -203,14 +203,20 @@ def infer(
     inputs: Annotated[list[str], typer.Argument(help="image files, .npy arrays, .csv rows, text, or - for JSON lines on stdin")],
     config: ConfigOpt,
     set_: SetOpt = None,
-    json_out: JsonOpt = False,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="labels per input (default infer.top_k)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON object per input and line on stdout")] = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     dry_run: DryRunOpt = False,
 ):
-    """Run the exported model on raw inputs and print top-k labels with probabilities."""
-    _invoke("infer", config, set_, json_out=json_out, quiet=quiet, verbose=verbose, dry_run=dry_run,
-            inputs=inputs, json_out_stream=json_out)
+    """Run the exported model on raw inputs and print top-k labels with probabilities.
+
+    JSON lines on stdin (-): {"pixels": [[...]]}, {"features": [...]}, {"text": "..."} or {"path": "x.png"},
+    with an optional "id"; one result line per request, flushed at once. Exit 1 if any input failed.
+    """
+    # json_out=False for the summary: with --json each result is already its own JSON line
+    _invoke("infer", config, set_, json_out=False, quiet=quiet, verbose=verbose, dry_run=dry_run,
+            inputs=inputs, json_out_stream=json_out, top_k_override=top_k)
 
 
 @app.command()

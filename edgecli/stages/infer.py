@@ -1,0 +1,230 @@
+"""infer: raw inputs in, top-k labels with probabilities out, through exactly the model's preprocessing.
+
+    edgecli infer -c CONFIG digit1.png digit2.png rows.csv batch.npy
+    producer | edgecli infer -c CONFIG --json -        # JSON lines in, one JSON line out per request
+
+The model is ``infer.input`` (default: the export stage; any stage name or an .onnx/.ort path).
+Its ``edgecli.model_info`` metadata gives the preprocessing and label names, so a PNG, a CSV row
+or a sentence goes through the very preprocessing training used (see edgecli/inputs.py for every
+accepted input and the JSON request format: {"id": .., "pixels": [[..]]}, {"features": [..]},
+{"text": ".."}, {"path": "x.png"}, {"input": [..]}).
+
+Output: a table for people, or with ``--json`` one object per input and line:
+``{"input": "a.png", "id": .., "top_k": [{"label": "7", "index": 7, "prob": 0.98}, ...],
+"latency_ms": 0.04, "batch": 12, "model_sha256": "..."}``; ``latency_ms`` is the model's own time
+(``sess.run``) for the batch that answered the input (``batch`` rows). With ``-`` each line is
+answered and flushed as soon as it is read (real-time behind a pipe; one session for the stream).
+
+Bad input never stops the run: each problem is one line on stderr naming the input (and with
+--json an {"input", "error"} object on stdout); the others are answered; the exit code is 1 when
+any input failed, 2 for usage errors (no model, no inputs). numpy, Pillow and ONNX Runtime only:
+this module never imports torch or scikit-learn.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgecli.artifacts import STAGES, ArtifactStore, sha256_file
+from edgecli.config import PipelineConfig
+from edgecli.errors import ConfigError, ModelFileError, UsageError
+from edgecli.stages import StageResult, Table
+
+STAGE = "infer"
+
+
+def resolve_model(cfg: PipelineConfig, store: ArtifactStore) -> Path:
+    """The model file infer.input names (a stage's model.onnx, verified, or a file path)."""
+    from edgecli.stages import resolve_input
+
+    ref = cfg.infer.input
+    if ref in STAGES and ref not in ("train", "compress", "export"):
+        raise ConfigError(f"infer.input: '{ref}' has no model; use export, compress, train or an .onnx path")
+    _, path = resolve_input(store, ref, ("export", "compress", "train"), "infer.input")
+    return path
+
+
+class Model:
+    """One ONNX Runtime session plus what the model says about itself (loaded once)."""
+
+    def __init__(self, path: Path, threads: int, providers: list[str]):
+        from edgecli.runtime import make_session
+
+        self.path = path
+        if path.suffix.lower() != ".ort":
+            from edgecli.onnxio import load_onnx
+
+            load_onnx(path, load_external=False)  # guarded: truncated, non-ONNX, escaping data refused
+        self.sha256 = sha256_file(path)
+        self.sess = make_session(path, threads=threads, providers=providers)
+        meta = self.sess.get_modelmeta().custom_metadata_map
+        try:
+            self.info = json.loads(meta["edgecli.model_info"]) if meta.get("edgecli.model_info") else None
+        except json.JSONDecodeError:
+            self.info = None
+        self.inputs = [{"name": i.name, "shape": [d if isinstance(d, int) else None for d in i.shape],
+                        "dtype": _ORT_DTYPES.get(i.type, "float32")} for i in self.sess.get_inputs()]
+        names = (self.info or {}).get("class_names")
+        self.labels = [str(n) for n in names] if names else None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        """(probabilities, model milliseconds) for one batch."""
+        t0 = time.perf_counter()
+        out = self.sess.run(None, feeds)[0]
+        ms = (time.perf_counter() - t0) * 1000.0
+        return to_probs(np.asarray(out, dtype=np.float64)), ms
+
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8",
+               "tensor(bool)": "bool"}
+
+
+def to_probs(out: np.ndarray) -> np.ndarray:
+    """Softmax of logits; outputs that are already probabilities pass unchanged."""
+    out = out.reshape(len(out), -1)
+    if out.size and out.min() >= 0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
+        return out
+    z = out - out.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def top_k(probs: np.ndarray, k: int, labels: list[str] | None) -> list[dict]:
+    k = min(k, len(probs))
+    idx = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": labels[i] if labels and i < len(labels) else str(int(i)), "index": int(i),
+             "prob": round(float(probs[i]), 6)} for i in idx]
+
+
+class Printer:
+    """Writes each answer or error at once (stdout results, stderr errors), flushing for pipes."""
+
+    def __init__(self, json_out: bool, model: Model, k: int, stream: bool):
+        self.json_out, self.model, self.k, self.stream = json_out, model, k, stream
+        self.rows: list[list] = []
+        self.ok = self.failed = 0
+
+    def answer(self, name: str, rid, probs: np.ndarray, ms: float, batch: int) -> None:
+        self.ok += 1
+        tk = top_k(probs, self.k, self.model.labels)
+        if self.json_out:
+            obj = {"input": name}
+            if rid is not None:
+                obj["id"] = rid
+            obj.update(top_k=tk, latency_ms=round(ms, 4), batch=batch, model_sha256=self.model.sha256)
+            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.flush()
+        elif self.stream:
+            preds = ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in tk)
+            sys.stdout.write(f"{name}: {preds}\n")
+            sys.stdout.flush()
+        else:
+            self.rows.append([name, tk[0]["label"], tk[0]["prob"],
+                              ", ".join(f"{t['label']} {t['prob']:.3f}" for t in tk[1:]) or "-", round(ms, 4)])
+
+    def error(self, name: str, rid, msg: str) -> None:
+        self.failed += 1
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        if self.json_out:
+            obj = {"input": name}
+            if rid is not None:
+                obj["id"] = rid
+            obj["error"] = msg
+            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.flush()
+
+
+def _answer(model: Model, printer: Printer, samples: list, batch_size: int) -> None:
+    """Run valid samples in batches (consecutive samples with equal input shapes share a batch)."""
+    pending: list = []
+
+    def flush():
+        if not pending:
+            return
+        keys = list(pending[0].feeds)
+        feeds = {k: np.concatenate([s.feeds[k] for s in pending]) for k in keys}
+        try:
+            probs, ms = model.run(feeds)
+        except Exception as e:  # noqa: BLE001 - ORT's own shape/type errors: answer each input alone
+            if len(pending) > 1:
+                one = list(pending)
+                pending.clear()
+                for s in one:
+                    _answer(model, printer, [s], 1)
+                return
+            s = pending[0]
+            printer.error(s.name, s.id, f"{s.name}: the model rejected this input ({str(e).splitlines()[0][:200]})")
+            pending.clear()
+            return
+        n = len(probs)
+        i = 0
+        for s in pending:
+            for j in range(s.n):
+                printer.answer(s.names[j], s.id, probs[i], ms, n)
+                i += 1
+        pending.clear()
+
+    rows = 0
+    for s in samples:
+        if s.error:
+            flush()
+            rows = 0
+            printer.error(s.name, s.id, s.error)
+            continue
+        shapes = {k: v.shape[1:] for k, v in s.feeds.items()}
+        if pending and ({k: v.shape[1:] for k, v in pending[0].feeds.items()} != shapes or rows + s.n > batch_size):
+            flush()
+            rows = 0
+        pending.append(s)
+        rows += s.n
+    flush()
+
+
+def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet: bool = False,
+        inputs: list[str] | None = None, json_out_stream: bool = False, top_k_override: int | None = None,
+        **_: object) -> StageResult:
+    """Answer every input; exit code 1 when any input failed. Nothing is published."""
+    from edgecli.inputs import reader_for
+    from edgecli.report import info as log_info
+
+    t0 = time.time()
+    inputs = list(inputs or [])
+    if not inputs:
+        raise UsageError("infer: no inputs; give image/.npy/.csv files, sentences, or - for JSON lines on stdin")
+    if inputs.count("-") > 1:
+        raise UsageError("infer: '-' (stdin) given more than once")
+    path = resolve_model(cfg, store)
+    model = Model(path, cfg.infer.threads, cfg.infer.providers)
+    if not model.inputs:
+        raise ModelFileError(f"{path}: the model has no inputs")
+    reader = reader_for(model.info, model.inputs)
+    k = top_k_override or cfg.infer.top_k
+    stream = "-" in inputs
+    printer = Printer(json_out_stream, model, k, stream)
+    if not quiet:
+        log_info(f"infer: {path} (sha256 {model.sha256[:16]}...)")
+    files = [a for a in inputs if a != "-"]
+    # files first, batched; then the stream, one request at a time as lines arrive
+    _answer(model, printer, [reader.argument(a) for a in files], cfg.infer.batch_size)
+    if stream:
+        for lineno, line in enumerate(sys.stdin, start=1):
+            if not line.strip():
+                continue
+            _answer(model, printer, [reader.json_line(line, f"line {lineno}")], 1)
+    res = StageResult(STAGE, "done", None, time.time() - t0)
+    res.metrics = {"answered": printer.ok, "failed": printer.failed, "model": str(path), "model_sha256": model.sha256}
+    if printer.rows:
+        res.tables.append(Table(f"predictions ({path.name}, sha256 {model.sha256[:12]})",
+                                ["input", "label", "prob", f"next {k - 1}" if k > 1 else "next", "batch ms"],
+                                printer.rows))
+    if printer.failed:
+        res.exit_code = 1
+        res.messages.append(f"infer: {printer.failed} of {printer.ok + printer.failed} input(s) failed; "
+                            f"{printer.ok} answered")
+    return res
