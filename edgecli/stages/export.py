@@ -104,7 +104,7 @@ def convert_opset(m, target: int | None):
     if target is None or target == cur:
         return m
     try:
-        out = version_converter.convert_model(m, target)
+        out = version_converter.convert_version(m, target)
         onnx.checker.check_model(out)
     except Exception as e:  # the converter raises bare RuntimeErrors for unsupported adapters
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
