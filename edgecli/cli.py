@@ -123,7 +123,7 @@ def _invoke(stage: str, config: Path, sets: list[str] | None, *, force=False, js
         res = mod.run(cfg, store, force=force, quiet=quiet, **kwargs)
         _render(res, json_out)
         code = res.exit_code
-    except (EdgeError, KeyboardInterrupt, MemoryError, OSError) as e:
+    except (Exception, KeyboardInterrupt) as e:  # report() knows which; unknown ones re-raise below
         if debug_enabled() and not isinstance(e, KeyboardInterrupt):
             import traceback
 

@@ -264,13 +264,34 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys and remembers the line of every key path."""
 
 
+_MAX_NODES = 100_000  # a real pipeline config has a few hundred values
+
+
 def _compose_lines(text: str, source: str) -> dict[str, int]:
     """Map dotted key paths to 1-based line numbers; raise ConfigError on duplicate keys."""
     lines: dict[str, int] = {}
     dups: list[str] = []
     root = yaml.compose(text, Loader=_LineLoader)
+    # Aliases share nodes: a self-referencing alias would recurse forever and nested aliases
+    # ("billion laughs") expand exponentially in validation and dumps; bound both.
+    on_path: set[int] = set()
+    budget = [_MAX_NODES]
 
     def walk(node: yaml.Node, prefix: str) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(f"{source}: more than {_MAX_NODES} values after expanding YAML aliases; refused")
+        if id(node) in on_path:
+            line = node.start_mark.line + 1
+            raise ConfigError(f"{source}:{line} {prefix or '<top>'}: YAML alias refers to itself; refused")
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            on_path.add(id(node))
+            try:
+                _walk_children(node, prefix)
+            finally:
+                on_path.discard(id(node))
+
+    def _walk_children(node: yaml.Node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
             seen: dict[str, int] = {}
             for knode, vnode in node.value:
@@ -319,6 +340,8 @@ def _load_yaml(path: Path) -> tuple[dict, dict[str, int]]:
         raise ConfigError(f"{where}: {problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML ({e})") from None
+    except RecursionError:  # PyYAML parses recursively: a hostile file nests thousands deep
+        raise ConfigError(f"{source}: values nested too deeply; refused") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -337,9 +360,13 @@ def _apply_override(raw: dict, item: str) -> str:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: empty key path")
     try:
+        if text.strip():
+            _compose_lines(text, f"--set {key}")  # the same alias and nesting bounds as the file
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text  # not YAML: the raw string, validated by the schema like any other value
+    except RecursionError:
+        raise ConfigError(f"--set {key}: value nested too deeply; refused") from None
     parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):

@@ -103,6 +103,11 @@ def report(exc: BaseException) -> int:
     if isinstance(exc, MemoryError):
         print("error: out of memory; try a smaller batch_size", file=sys.stderr)
         return EXIT_CHECK_FAILED
+    if type(exc).__module__.startswith("onnxruntime"):
+        # a model that loads but cannot run (bad shapes, inconsistent graph) is the user's input to fix
+        first = (str(exc).splitlines() or [""])[0][:300]
+        print(f"{ModelFileError.kind}: ONNX Runtime cannot run this model ({type(exc).__name__}: {first})", file=sys.stderr)
+        return EXIT_USAGE
     if isinstance(exc, OSError) and exc.errno is not None:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -193,3 +193,88 @@ def model_info_from_onnx(path: Path) -> dict | None:
     meta = get_metadata(path)
     text = meta.get("edgecli.model_info")
     return json.loads(text) if text else None
+
+
+# --------------------------------------------------------------------------- untrusted models
+
+# Run in a child interpreter: a model that makes ONNX Runtime die of a signal (or loop, or print
+# on stdout) takes the child down, never the edgecli process or its --json output.
+_PROBE_CHILD = r"""
+import contextlib, json, os, sys
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+out = sys.stdout
+sys.stdout = sys.stderr  # ONNX Runtime prints provider fallbacks with print()
+def verdict(**kw):
+    out.write(json.dumps(kw) + "\n"); out.flush()
+try:
+    import numpy as np
+    from edgecli.errors import EdgeError
+    from edgecli.onnxio import load_onnx
+    from edgecli.runtime import make_session
+    path = sys.argv[1]
+    load_onnx(path, load_external=False)
+    sess = make_session(path, threads=1)
+    feeds, skipped = {}, []
+    types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+             "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        n = 1
+        for d in shape:
+            n *= d
+        if i.type not in types or n > (1 << 24):
+            skipped.append(i.name)
+            continue
+        feeds[i.name] = np.zeros(shape, types[i.type])
+    if not skipped:
+        sess.run(None, feeds)
+    verdict(ok=True, ran=not skipped, inputs=[[i.name, list(map(str, i.shape)), i.type] for i in sess.get_inputs()])
+except EdgeError as e:
+    verdict(ok=False, error=e.message)
+except Exception as e:
+    verdict(ok=False, error=f"ONNX Runtime cannot run this model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+"""
+
+
+def probe_model(path: str | Path, *, timeout_s: float = 120.0) -> dict:
+    """Load ``path`` and run one inference on zeros in a child process; return what it saw.
+
+    For models edgecli did not make: a crash (signal), a hang or a load/run failure becomes a
+    one-line ModelFileError, and nothing the model triggers reaches this process's stdout.
+    """
+    import subprocess
+    import sys
+
+    path = Path(path)
+    load_onnx(path, load_external=False)  # cheap checks (missing, LFS pointer, escaping data) first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                        os.environ.get("PYTHONPATH")]))}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD, str(path)], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        raise ModelFileError(f"{path}: ONNX Runtime did not load and run this model within {timeout_s:g} s; refused") from None
+    return child_verdict(path, proc.returncode, proc.stdout)
+
+
+def child_verdict(path: Path, returncode: int, stdout: str) -> dict:
+    """Map a probe child's exit to a result or a ModelFileError (a signal death names the signal)."""
+    import json
+    import signal
+
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        raise ModelFileError(f"{path}: ONNX Runtime crashed ({name}) loading or running this model; refused")
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    try:
+        res = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise ModelFileError(f"{path}: the model probe ended without a result (exit {returncode}); refused") from None
+    if not res.get("ok"):
+        raise ModelFileError(res.get("error") if str(res.get("error", "")).startswith(str(path))
+                             else f"{path}: {res.get('error')}")
+    return res
