@@ -121,7 +121,8 @@ def _invoke(stage: str, config: Path, sets: list[str] | None, *, force=False, js
 
         store = ArtifactStore.for_config(cfg)
         res = mod.run(cfg, store, force=force, quiet=quiet, **kwargs)
-        _render(res, json_out)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+            _render(res, json_out)
         code = res.exit_code
     except (Exception, KeyboardInterrupt) as e:  # report() knows which; unknown ones re-raise below
         if debug_enabled() and not isinstance(e, KeyboardInterrupt):

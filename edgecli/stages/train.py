@@ -7,12 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from edgecli import __version__
 from edgecli.artifacts import ArtifactStore, StageWriter, sha256_file, sha256_json, write_json_atomic
 from edgecli.config import PipelineConfig, dump_config
-from edgecli.errors import ArtifactError, CheckFailed, ConfigError, EdgeError
+from edgecli.errors import CheckFailed, ConfigError, EdgeError
 from edgecli.stages import StageResult, Table, run_stage, skipped_result
 
 STAGE = "train"
@@ -133,7 +131,14 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
         ckpt = store.checkpoint_dir(STAGE) / "last.pt"
         if resume and not ckpt.is_file():
             state["notes"] = [f"--resume: no checkpoint in {ckpt.parent}; starting from epoch 1"]
-        model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt, fp=fp)
+        from edgecli.training import pick_device
+
+        device = pick_device(cfg.train.device)
+        if cfg.train.amp != "none" and device.type != "cuda":
+            state.setdefault("notes", []).append(f"train.amp={cfg.train.amp} applies on CUDA only; "
+                                                 f"trained in float32 on {device}")
+        model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt, fp=fp,
+                                                   device=device)
         state.setdefault("notes", []).extend(notes)
         return _publishable(w, cfg, splits, model, fitres, state)
 
@@ -179,47 +184,68 @@ def _result(res: StageResult, state: dict) -> StageResult:
 
 
 def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, quiet: bool) -> StageResult:
-    """torchrun: every rank trains on its shard; rank 0 alone locks, checkpoints and publishes."""
-    from edgecli.data import load_splits
-    from edgecli.training import barrier, broadcast_object, dist_info, init_distributed, pick_device
+    """torchrun: every rank trains on its shard; rank 0 alone locks, checkpoints and publishes.
 
+    ``train.batch_size`` stays the global batch (each rank takes batch_size / world), so lr needs
+    no change against a single process with the same batch size. A rank that dies or stalls makes
+    the others fail within ``train.dist_timeout_s`` with a one-line error instead of hanging.
+    """
+    import time
+
+    import torch
+    import torch.distributed as tdist
+
+    from edgecli.data import load_splits
+    from edgecli.training import broadcast_object, dist_info, init_distributed, pick_device
+
+    t0 = time.time()
     d = dist_info()
+    if cfg.train.batch_size % d.world:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is the global batch and must divide evenly "
+                          f"among the {d.world} torchrun processes")
     device = pick_device(cfg.train.device, d.local_rank)
     if device.type == "cuda":
-        import torch
-
         torch.cuda.set_device(device)
-    init_distributed(device, cfg.train.dist_timeout_s)
+    try:
+        init_distributed(device, cfg.train.dist_timeout_s)
+    except tdist.DistError as e:
+        raise EdgeError(f"rank {d.rank}: cannot join the torchrun group ({_first_line(e)})",
+                        hint="check --rdzv_endpoint / MASTER_ADDR:MASTER_PORT is reachable from every node") from None
     fp = fingerprint(cfg)
     lock_cm = store.lock("torchrun edgecli train") if d.is_main else contextlib.nullcontext()
-    decision = "go"
-    err: BaseException | None = None
+    state: dict = {}
+    if cfg.train.amp != "none" and device.type != "cuda":
+        state["notes"] = [f"train.amp={cfg.train.amp} applies on CUDA only; trained in float32 on {device}"]
+    locked = False
     try:
-        lock_cm.__enter__()
-        if d.is_main and not force and store.up_to_date(STAGE, fp):
-            decision = "skip"
-    except EdgeError as e:
-        decision, err = f"error: {e.message}", e
-    decision = broadcast_object(decision)
-    if decision.startswith("error"):
-        if err is not None:
-            raise err
-        raise CheckFailed(f"rank {d.rank}: rank 0 stopped the run ({decision[7:]})")
-    try:
+        decision, err = "go", None
+        try:
+            lock_cm.__enter__()
+            locked = True
+            if d.is_main and not force and store.up_to_date(STAGE, fp):
+                decision = "skip"
+        except EdgeError as e:
+            decision, err = f"error: {e.message}", e
+        decision = broadcast_object(decision)  # every rank leaves together, or none does
+        if decision.startswith("error"):
+            if err is not None:
+                raise err
+            raise CheckFailed(f"rank {d.rank}: rank 0 stopped the run ({decision[7:]})")
         if decision == "skip":
             return _result(skipped_result(store, STAGE), {}) if d.is_main else StageResult(STAGE, "skipped", None)
         splits = load_splits(cfg)
         ckpt = store.checkpoint_dir(STAGE) / "last.pt"
-        state: dict = {}
+        if d.is_main and resume and not ckpt.is_file():
+            state.setdefault("notes", []).append(f"--resume: no checkpoint in {ckpt.parent}; starting from epoch 1")
         model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt,
                                                    fp=fp, device=device, dist=d)
-        state["notes"] = notes + [f"trained with DistributedDataParallel on {d.world} processes"]
+        state.setdefault("notes", []).extend(notes)
+        state["notes"].append(f"trained with DistributedDataParallel on {d.world} processes "
+                              f"({cfg.train.batch_size // d.world} samples per process per step)")
+        # No collective after training: rank 0 publishes alone, and a slow ONNX export must not
+        # time out ranks that would otherwise wait for it in a barrier.
         if not d.is_main:
-            barrier()
             return StageResult(STAGE, "done", None)
-        import time
-
-        t0 = time.time()
         w = store.begin(STAGE)
         try:
             config, metrics, extra = _publishable(w, cfg, splits, model, fitres, state)
@@ -230,9 +256,37 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
             raise
         with contextlib.suppress(OSError):
             ckpt.unlink()
-        barrier()
         outputs = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
         return _result(StageResult(STAGE, "done", final, time.time() - t0, metrics=metrics, outputs=outputs), state)
+    except (tdist.DistError, RuntimeError) as e:
+        if not _is_peer_failure(e):
+            raise
+        where = ckpt.parent if "ckpt" in locals() else store.run_dir
+        raise EdgeError(
+            f"rank {d.rank}: another torchrun process failed or stopped answering ({_first_line(e)}); "
+            "nothing was published",
+            hint=f"torchrun's summary names the rank that failed first; `--resume` continues from the last checkpoint in {where}",
+        ) from None
     finally:
-        if d.is_main:
+        if locked:
             lock_cm.__exit__(*sys.exc_info())
+        with contextlib.suppress(Exception):
+            tdist.destroy_process_group()
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank died or stalled (gloo/NCCL raise RuntimeError)."""
+    import torch.distributed as tdist
+
+    if isinstance(e, tdist.DistError):
+        return True
+    msg = str(e)
+    return any(k in msg for k in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out"))
+
+
+def _first_line(e: BaseException) -> str:
+    import re
+
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo prefixes its source file:line
+    return line.split(". ")[0][:200]
