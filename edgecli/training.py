@@ -80,22 +80,40 @@ def broadcast_object(obj, src: int = 0):
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """train.device as a torch device; ``cuda``/``auto`` take GPU ``local_rank`` (one GPU per torchrun rank)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device(f"cuda:{local_rank}")
+            return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"train.device: '{name}' requested but no CUDA device is available (use auto or cpu)")
+        count = torch.cuda.device_count()
         if name == "cuda":
+            if local_rank >= count:
+                raise ConfigError(f"train.device: cuda for local rank {local_rank}, but this node has only {count} "
+                                  "CUDA device(s); start at most that many processes per node (--nproc_per_node)")
             return torch.device(f"cuda:{local_rank}")
         idx = int(name.split(":")[1])
-        if idx >= torch.cuda.device_count():
-            raise ConfigError(f"train.device: '{name}' but only {torch.cuda.device_count()} CUDA device(s) present")
+        if idx >= count:
+            raise ConfigError(f"train.device: '{name}' but only {count} CUDA device(s) present")
+        # NCCL cannot run two ranks of one group on one GPU: pinning a GPU only makes sense per process.
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"train.device: '{name}' pins every torchrun process to one GPU; use cuda or auto "
+                              "(rank i takes cuda:LOCAL_RANK) and choose GPUs with CUDA_VISIBLE_DEVICES")
         return torch.device(name)
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("train.device: 'mps' requested but not available")
     return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.amp on ``device``; None (float32) off CUDA, where amp does not apply."""
+    if amp in (None, "none") or device.type != "cuda":
+        return None
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.amp: bf16 is not supported by {torch.cuda.get_device_name(device)}; use fp16 or none")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -306,18 +324,18 @@ def fit(
         def loss_fn(logits, xb, yb):  # noqa: E306
             return ce(logits, yb)
 
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.amp) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-    net = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast_dtype = amp_dtype(tcfg.amp, device)
+    # fp16 has too little range for small gradients: scale the loss; bf16 has float32's range
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
 
     start_epoch, best_acc, best_epoch, best_state, history, resumed = 0, -1.0, -1, None, [], None
-    if resume and checkpoint is not None and checkpoint.is_file():
+    ck = None
+    if resume and checkpoint is not None and dist.is_main and checkpoint.is_file():
         ck = _load_checkpoint(checkpoint)
+    if dist.enabled and resume:
+        # Only rank 0 writes checkpoints, and other nodes may not share its disk: it sends them its copy.
+        ck = broadcast_object(ck)
+    if ck is not None:
         if fingerprint and ck.get("fingerprint") != fingerprint:
             raise ConfigError(f"--resume: the checkpoint in {checkpoint.parent} was made with another config; "
                               "rerun without --resume (or restore the config)")
@@ -329,6 +347,13 @@ def fit(
         best_state = ck.get("best_state")
         history = list(ck.get("history", []))
         resumed = start_epoch
+
+    net = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # DDP broadcasts rank 0's parameters and buffers here, so every rank starts from one model.
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     patience = tcfg.early_stopping.patience if tcfg.early_stopping else None
     min_delta = tcfg.early_stopping.min_delta if tcfg.early_stopping else 0.0
@@ -350,7 +375,7 @@ def fit(
                 xb = _batches(train_x, idx)
                 xb = {k: v.to(device) for k, v in xb.items()} if isinstance(xb, dict) else xb.to(device)
                 yb = torch.as_tensor(train_y[idx]).to(device)
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
                     logits = net(**xb) if isinstance(xb, dict) else net(xb)
                     loss = loss_fn(logits.float(), xb, yb)
                 if not torch.isfinite(loss):
@@ -376,8 +401,11 @@ def fit(
                 tot_loss += loss.item() * len(idx)
                 tot_n += len(idx)
             train_loss = _reduce_mean(tot_loss, tot_n, device, dist)
-            val_metrics, _ = evaluate(model, val_x, val_y, num_classes, device=device)
-            val_acc = val_metrics["accuracy"]
+            if dist.enabled:
+                val_acc = _distributed_accuracy(model, val_x, val_y, device, dist)
+            else:
+                val_metrics, _ = evaluate(model, val_x, val_y, num_classes, device=device)
+                val_acc = val_metrics["accuracy"]
             history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_accuracy": round(val_acc, 5),
                             "lr": opt.param_groups[0]["lr"]})
             improved = val_acc > best_acc + min_delta
@@ -400,6 +428,7 @@ def fit(
 
 
 def _reduce_mean(total: float, count: int, device, dist: Dist) -> float:
+    """The mean over all ranks of a per-rank (sum, count); identical on every rank."""
     if not dist.enabled:
         return total / max(count, 1)
     import torch.distributed as tdist
@@ -407,6 +436,24 @@ def _reduce_mean(total: float, count: int, device, dist: Dist) -> float:
     t = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
     tdist.all_reduce(t)
     return float(t[0] / max(t[1], 1))
+
+
+def _distributed_accuracy(model: nn.Module, x, y: np.ndarray, device, dist: Dist) -> float:
+    """Accuracy on the whole of (x, y), each rank scoring a 1/world stride, summed across ranks.
+
+    Every rank gets the same number, so early stopping and best-epoch choices agree and no rank
+    waits forever in a collective the others skipped.
+    """
+    import torch.distributed as tdist
+
+    # DDP syncs buffers only at the start of a forward: after the last step each rank's BatchNorm
+    # running stats saw its own batch. Take rank 0's, so all ranks hold (and rank 0 publishes) one model.
+    for b in model.buffers():
+        tdist.broadcast(b.data, src=0)
+    idx = np.arange(dist.rank, len(y), dist.world)
+    sub = {k: v[idx] for k, v in x.items()} if isinstance(x, dict) else x[idx]
+    correct = float((predict_logits(model, sub, device=device).argmax(-1) == y[idx]).sum()) if len(idx) else 0.0
+    return _reduce_mean(correct, len(idx), device, dist)
 
 
 class _Progress:
