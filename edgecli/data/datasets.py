@@ -35,6 +35,14 @@ def _need_path(cfg) -> Path:
     return p
 
 
+def _need_file(cfg) -> Path:
+    p = _need_path(cfg)
+    # a FIFO or a device (/dev/zero) would block or never end; only regular files are data
+    if not p.is_file():
+        raise DataError(f"data.path: {p} is not a regular file")
+    return p
+
+
 def _check_labels(y: np.ndarray, class_names: list[str], source: str) -> None:
     counts = np.bincount(y, minlength=len(class_names))
     empty = [class_names[i] for i, n in enumerate(counts) if n == 0]
@@ -71,6 +79,9 @@ def load_imagefolder(cfg) -> RawDataset:
         d = root / c
         if d.is_dir():
             files += [(f, i) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    odd = [f for f, _ in files if not f.is_file()]
+    if odd:  # a FIFO would block the loader forever; a dangling link would silently shrink a class
+        raise DataError(f"{odd[0]}: not a regular image file (directory, FIFO, device or broken link)")
     if not files:
         raise DataError(f"data.path: no images (PNG/JPEG/BMP) under {root}")
     # grayscale dataset unless any image has colour
@@ -106,12 +117,14 @@ def load_imagefolder(cfg) -> RawDataset:
 
 def load_csv(cfg) -> RawDataset:
     """Numeric feature columns plus a label column (names or integers)."""
-    path = _need_path(cfg)
+    path = _need_file(cfg)
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"data.path: cannot read {path} ({e})") from None
+    except csv.Error as e:  # e.g. a field over the csv module's size limit
+        raise DataError(f"{path}: not a valid CSV ({e})") from None
     if len(rows) < 2:
         raise DataError(f"data.path: {path} has no data rows")
     header = [h.strip() for h in rows[0]]
@@ -149,7 +162,7 @@ def load_csv(cfg) -> RawDataset:
 
 def load_npz(cfg) -> RawDataset:
     """An .npz with arrays x (uint8 images N,H,W[,C] or float rows N,F) and y (integer labels)."""
-    path = _need_path(cfg)
+    path = _need_file(cfg)
     try:
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z or "y" not in z:

@@ -152,8 +152,12 @@ def convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
 
 def load_image_file(path: str, channels: int) -> np.ndarray:
     """Read an image file as uint8 (H, W, C) in the dataset's raw mode (grayscale or RGB)."""
+    import os
+
     from PIL import Image, UnidentifiedImageError
 
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise DataError(f"{path}: not a regular file (a FIFO or device would never end)")
     try:
         with Image.open(path) as im:
             im.load()

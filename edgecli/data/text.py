@@ -125,6 +125,8 @@ def tokenize(texts, ref: dict, max_length: int) -> dict[str, np.ndarray]:
 
 
 def _read_textcsv(path: Path, text_col: str, label_col: str) -> tuple[list[str], list[str]]:
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO or /dev/zero would never end
+        raise DataError(f"data.path: {path} is not a regular file")
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
