@@ -177,6 +177,10 @@ class CompressConfig(_Strict):
     objective: Literal["latency", "size"] = "latency"
     threads: int = Field(1, ge=1)
     eval_samples: int | None = Field(None, ge=1, description="validation samples used to score candidates")
+    transformer_optimize: bool = Field(
+        False, description="fuse attention/LayerNorm/GELU (ONNX Runtime's BERT optimizer) before quantizing")
+    num_heads: int | None = Field(None, ge=1, description="transformer_optimize: attention heads (default: the model's config.json)")
+    hidden_size: int | None = Field(None, ge=1, description="transformer_optimize: hidden size (default: the model's config.json)")
 
 
 class ParityConfig(_Strict):
