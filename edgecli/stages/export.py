@@ -153,6 +153,36 @@ def dedupe_initializers(m) -> int:
     return len(rename)
 
 
+def _used_domains(graph, out: set[str]) -> None:
+    for node in graph.node:
+        out.add(node.domain or "")
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _used_domains(attr.g, out)
+            for g in attr.graphs:
+                _used_domains(g, out)
+
+
+def drop_unused_opsets(m) -> list[str]:
+    """Remove opset imports no node uses; return their domains.
+
+    ONNX Runtime's optimised model declares every domain it knows (training, nchwc, aten...):
+    a deployer reading the model, or a minimal build, should see only what the graph needs.
+    """
+    used: set[str] = set()
+    _used_domains(m.graph, used)
+    for f in m.functions:
+        used.add(f.domain)
+        for node in f.node:
+            used.add(node.domain or "")
+    keep = [o for o in m.opset_import if (o.domain or "") in used or o.domain in ("", "ai.onnx")]
+    dropped = [o.domain for o in m.opset_import if o not in keep]
+    if dropped:
+        del m.opset_import[:]
+        m.opset_import.extend(keep)
+    return dropped
+
+
 def _tensor_bytes(m) -> int:
     return sum(len(t.raw_data) or 0 for t in m.graph.initializer)
 
@@ -354,6 +384,7 @@ def _prepare(src_model, work: Path, cfg: PipelineConfig, level: str | None, meta
         ort_optimize(stage_in, opt, level)
         m = onnx.load(str(opt))
     notes["deduplicated_initializers"] = dedupe_initializers(m)
+    drop_unused_opsets(m)
     del m.metadata_props[:]
     for k, v in meta.items():
         e = m.metadata_props.add()

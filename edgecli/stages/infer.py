@@ -62,11 +62,7 @@ class Model:
             load_onnx(path, load_external=False)  # guarded: truncated, non-ONNX, escaping data refused
         self.sha256 = sha256_file(path)
         self.sess = make_session(path, threads=threads, providers=providers)
-        meta = self.sess.get_modelmeta().custom_metadata_map
-        try:
-            self.info = json.loads(meta["edgecli.model_info"]) if meta.get("edgecli.model_info") else None
-        except json.JSONDecodeError:
-            self.info = None
+        self.info = model_description(self.sess.get_modelmeta().custom_metadata_map)
         self.inputs = [{"name": i.name, "shape": [d if isinstance(d, int) else None for d in i.shape],
                         "dtype": _ORT_DTYPES.get(i.type, "float32")} for i in self.sess.get_inputs()]
         names = (self.info or {}).get("class_names")
@@ -77,7 +73,23 @@ class Model:
         t0 = time.perf_counter()
         out = self.sess.run(None, feeds)[0]
         ms = (time.perf_counter() - t0) * 1000.0
-        return to_probs(np.asarray(out, dtype=np.float64)), ms
+        out = np.asarray(out, dtype=np.float64)
+        if not np.isfinite(out).all():  # NaN probabilities would also make invalid JSON
+            raise ValueError("the model's output holds NaN or Inf")
+        return to_probs(out), ms
+
+
+def model_description(meta: dict[str, str]) -> dict | None:
+    """What infer feeds the model by: the exported card (card.json, embedded in the model), else the
+    model_info that train/compress wrote; None for a model without edgecli metadata."""
+    for key in ("edgecli.card", "edgecli.model_info"):
+        try:
+            d = json.loads(meta[key]) if meta.get(key) else None
+        except json.JSONDecodeError:
+            d = None
+        if isinstance(d, dict) and d.get("preprocess"):
+            return d
+    return None
 
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
@@ -140,6 +152,11 @@ class Printer:
             sys.stdout.flush()
 
 
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def _answer(model: Model, printer: Printer, samples: list, batch_size: int) -> None:
     """Run valid samples in batches (consecutive samples with equal input shapes share a batch)."""
     pending: list = []
@@ -159,7 +176,7 @@ def _answer(model: Model, printer: Printer, samples: list, batch_size: int) -> N
                     _answer(model, printer, [s], 1)
                 return
             s = pending[0]
-            printer.error(s.name, s.id, f"{s.name}: the model rejected this input ({str(e).splitlines()[0][:200]})")
+            printer.error(s.name, s.id, f"{s.name}: the model rejected this input ({_first_line(e)})")
             pending.clear()
             return
         n = len(probs)
