@@ -239,12 +239,15 @@ class TableReader(Reader):
         if not rows:
             raise DataError(f"{name}: empty CSV file")
         drop = None
-        if not _is_number(rows[0][0]) or not all(_is_number(c) for c in rows[0]):
+        has_header = not any(_is_number(c) for c in rows[0])  # a data row with one typo is still data
+        if has_header:
             header = [c.strip().lower() for c in rows[0]]
             drop = header.index(label) if label in header else None
             rows = rows[1:]
+            if not rows:
+                raise DataError(f"{name}: only a header line, no rows of features")
         out = []
-        for i, r in enumerate(rows, start=2 if drop is not None else 1):
+        for i, r in enumerate(rows, start=2 if has_header else 1):
             vals = [c for j, c in enumerate(r) if j != drop]
             try:
                 out.append([float(c) for c in vals])
