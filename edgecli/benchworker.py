@@ -88,9 +88,33 @@ def _time_loop(call, warmup: int, runs: int, min_time_s: float | None) -> list[i
 
 def _load_inputs(spec: dict):
     """(x, y) from the parent's .npy files, memory-mapped so only the rows used are read."""
-    x = np.load(spec["x"], mmap_mode="r") if spec.get("x") else None
+    x = None
+    if spec.get("x") and str(spec["x"]).endswith(".npz"):  # text: one array per model input
+        with np.load(spec["x"], allow_pickle=False) as z:
+            x = {k: z[k] for k in z.files}
+    elif spec.get("x"):
+        x = np.load(spec["x"], mmap_mode="r")
     y = np.load(spec["y"]) if spec.get("y") else None
     return x, y
+
+
+def _trim(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A text batch cut to its longest sentence (infer pads to the batch's longest, never further)."""
+    mask = feed.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return feed
+    n = max(1, int(mask.sum(axis=1).max()))
+    return {k: np.ascontiguousarray(v[:, :n]) if v.ndim == 2 else v for k, v in feed.items()}
+
+
+def _dict_batch(x: dict, inputs, b: int) -> dict[str, np.ndarray]:
+    feed = {}
+    for i in inputs:
+        a = np.asarray(x[i.name][:b], dtype=_ORT_DTYPES.get(i.type, np.int64))
+        if len(a) < b:  # fewer test samples than the batch: repeat them
+            a = np.resize(a, (b, *a.shape[1:]))
+        feed[i.name] = np.ascontiguousarray(a)
+    return _trim(feed)
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
@@ -100,6 +124,9 @@ def _fit_note(inputs, x) -> str | None:
     """None when the test split fits the model's single input; else why it does not."""
     if x is None:
         return "no test split available for this model's inputs"
+    if isinstance(x, dict):
+        missing = [i.name for i in inputs if i.name not in x]
+        return f"model inputs {missing} are not in the test split ({sorted(x)})" if missing else None
     if len(inputs) != 1:
         return f"model has {len(inputs)} inputs; the test split is one array"
     shape = inputs[0].shape
@@ -109,6 +136,12 @@ def _fit_note(inputs, x) -> str | None:
         if isinstance(want, int) and want != got:
             return f"model input {inputs[0].name} expects {list(shape)}, the test split has {list(x.shape[1:])} per sample"
     return None
+
+
+def _seq_note(feed: dict) -> dict:
+    """The sequence length a text model was timed at (test rows trimmed to their longest)."""
+    mask = feed.get("attention_mask")
+    return {"sequence": int(mask.shape[1])} if mask is not None and mask.ndim == 2 else {}
 
 
 def _synthetic(inp, batch: int, rng) -> np.ndarray:
@@ -158,6 +191,8 @@ def measure_onnx(spec: dict) -> dict:
     fixed = _fixed_batch(inputs[0]) if len(inputs) == 1 else None
 
     def feed_for(b: int) -> dict:
+        if note is None and isinstance(x, dict):
+            return _dict_batch(x, inputs, b)
         if note is None:
             xb = np.asarray(x[:b], dtype=_ORT_DTYPES.get(inputs[0].type, np.float32))
             if len(xb) < b:  # fewer test samples than the batch: repeat them
@@ -178,11 +213,16 @@ def measure_onnx(spec: dict) -> dict:
             sess.run(None, feed)
             first_ms = (time.perf_counter() - t0) * 1e3
         lat = _time_loop(lambda feed=feed: sess.run(None, feed), spec["warmup"], spec["runs"], spec.get("min_time_s"))
-        batches.append({"batch": b, "latencies_ns": lat})
+        batches.append({"batch": b, "latencies_ns": lat, **_seq_note(feed)})
     peak = _peak_rss_kb()
 
     metrics = None
-    if note is None and y is not None:
+    if note is None and y is not None and isinstance(x, dict):
+        n = spec.get("accuracy_samples") or len(y)
+        logits = np.concatenate([sess.run(None, _dict_batch({k: v[i : i + 256] for k, v in x.items()}, inputs,
+                                                            min(256, n - i)))[0] for i in range(0, n, 256)])
+        metrics = _metrics(logits, y[:n], spec.get("num_classes"))
+    elif note is None and y is not None:
         n = spec.get("accuracy_samples") or len(y)
         dtype = _ORT_DTYPES.get(inputs[0].type, np.float32)
         logits = _onnx_predict(sess, inputs[0].name, x[:n], dtype, fixed)
@@ -220,6 +260,8 @@ def measure_torch(spec: dict) -> dict:
     if x is None:
         raise ValueError("the PyTorch baseline needs the test split")
     info = spec["model_info"]
+    if isinstance(x, dict):
+        return _measure_torch_text(spec, x, y, info, import_ms, threads)
     rss_before = _rss_kb()
     t0 = time.perf_counter()
     model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args") or {})
@@ -248,6 +290,56 @@ def measure_torch(spec: dict) -> dict:
             metrics = _metrics(logits, y[:n], spec.get("num_classes"))
     return {
         "providers_used": ["torch-cpu"], "input": {"name": "x", "shape": ["batch", *list(x.shape[1:])], "type": "float32"},
+        "synthetic_inputs": False, "accuracy_note": None,
+        "import_ms": import_ms, "load_ms": load_ms, "first_ms": first_ms,
+        "rss_before_load_kb": rss_before, "peak_rss_kb": peak, "peak_rss_with_accuracy_kb": _peak_rss_kb(),
+        "batches": batches, "metrics": metrics, "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _measure_torch_text(spec: dict, x: dict, y, info: dict, import_ms: float, threads: int) -> dict:
+    """PyTorch eager baseline of a text model: the same test rows, trimmed the same way."""
+    import torch
+
+    from edgecli.models import build_model
+    from edgecli.training import load_weights_file
+
+    names = list(info.get("input_names") or ["input_ids", "attention_mask"])
+    rss_before = _rss_kb()
+    t0 = time.perf_counter()
+    model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args") or {})
+    model.load_state_dict(load_weights_file(Path(spec["weights"])))
+    model.eval()
+    load_ms = (time.perf_counter() - t0) * 1e3
+
+    class _I:  # the names and dtypes _dict_batch needs
+        def __init__(self, name):
+            self.name, self.type = name, "tensor(int64)"
+
+    inputs = [_I(n) for n in names]
+
+    def call(feed):
+        return model(*[torch.from_numpy(feed[n]) for n in names])
+
+    first_ms, batches = None, []
+    with torch.inference_mode():
+        for b in spec["batch_sizes"]:
+            feed = _dict_batch(x, inputs, b)
+            if first_ms is None:
+                t0 = time.perf_counter()
+                call(feed)
+                first_ms = (time.perf_counter() - t0) * 1e3
+            lat = _time_loop(lambda feed=feed: call(feed), spec["warmup"], spec["runs"], spec.get("min_time_s"))
+            batches.append({"batch": b, "latencies_ns": lat, **_seq_note(feed)})
+        peak = _peak_rss_kb()
+        metrics = None
+        if y is not None:
+            n = spec.get("accuracy_samples") or len(y)
+            logits = np.concatenate([call(_dict_batch({k: v[i : i + 256] for k, v in x.items()}, inputs,
+                                                      min(256, n - i))).float().numpy() for i in range(0, n, 256)])
+            metrics = _metrics(logits, y[:n], spec.get("num_classes"))
+    return {
+        "providers_used": ["torch-cpu"], "input": {"name": ",".join(names), "shape": ["batch", "sequence"], "type": "int64"},
         "synthetic_inputs": False, "accuracy_note": None,
         "import_ms": import_ms, "load_ms": load_ms, "first_ms": first_ms,
         "rss_before_load_kb": rss_before, "peak_rss_kb": peak, "peak_rss_with_accuracy_kb": _peak_rss_kb(),

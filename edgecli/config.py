@@ -196,7 +196,6 @@ class ExportConfig(_Strict):
     optimize: bool = True
     optimization_level: Literal["basic", "extended"] = "extended"
     ort_format: bool = True
-    transformer_optimize: bool = False
     parity: ParityConfig = Field(default_factory=ParityConfig)
 
 

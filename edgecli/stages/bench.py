@@ -93,7 +93,7 @@ def select_targets(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[Targ
                 from edgecli.onnxio import model_info_from_onnx as _mi
 
                 info = _mi(store.require("train", "model.onnx"))
-            if not info or info.get("kind") == "text":
+            if not info or (info.get("kind") == "text" and len(info.get("input_names") or []) < 2):
                 notes.append("PyTorch baseline skipped: the train stage does not describe a single-input model")
             else:
                 targets.insert(0, Target(TORCH_LABEL, "torch", weights, "train", info, weights.stat().st_size))
@@ -171,6 +171,14 @@ def _write_inputs(cfg: PipelineConfig, targets: list[Target], tmp: Path) -> tupl
     splits = load_splits(cfg)
     test = splits.test
     notes: list[str] = []
+    if isinstance(test.x, dict):
+        # text: the tokenizer's arrays, one per model input; the worker trims each timed batch to
+        # its own longest sentence, as infer does, and records that sequence length
+        y_path = tmp / "y.npy"
+        np.save(y_path, np.asarray(test.y, dtype=np.int64))
+        x_path = tmp / "x0.npz"
+        np.savez(x_path, **{k: np.ascontiguousarray(v) for k, v in test.x.items()})
+        return {t.label: str(x_path) for t in targets}, str(y_path), splits.num_classes, notes
     if not isinstance(test.x, np.ndarray) or not np.issubdtype(test.x.dtype, np.number):
         notes.append("the test split is not a numeric array: models are timed on synthetic inputs, accuracy not measured")
         return {t.label: None for t in targets}, None, splits.num_classes, notes
@@ -301,7 +309,11 @@ def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], qu
                             **latency_stats(b["latencies_ns"], b["batch"]),
                             "peak_memory_mb": m["peak_memory_mb"], "cold_start_ms": m["cold_start_ms"],
                             "latencies_ns": b["latencies_ns"],
+                            **({"sequence": b["sequence"]} if "sequence" in b else {}),
                         })
+                        if "sequence" in b and not any("sequence length" in n for n in notes):
+                            notes.append(f"text models timed on test sentences at batch size b, padded to the "
+                                         f"longest of those b (sequence length {b['sequence']} at batch {b['batch']})")
     base = {(r["batch"], r["threads"]): r["p50_ms"] for r in rows if r["kind"] == "torch"}
     for r in rows:
         ref = base.get((r["batch"], r["threads"]))
