@@ -61,6 +61,9 @@ def test_bundle_files_card_and_checker(exported):
     embedded = json.loads(meta["edgecli.card"])
     assert embedded == {k: v for k, v in card.items() if k not in ("files", "ort_check")}
     assert json.loads(meta["edgecli.model_info"]) == train_info
+    model = onnx.load(str(d / "model.onnx"))
+    used = {n.domain for n in model.graph.node}
+    assert {o.domain for o in model.opset_import} <= used | {""}  # no declared-but-unused domains
     ops = (d / "required_operators.config").read_text()
     assert "Gemm" in ops or "MatMul" in ops
 
@@ -169,3 +172,29 @@ def test_quantized_compress_input(copy_pipeline, trained_cnn):
     assert card["quantized"] and par["mode"] == "quantized" and par["top1_agreement"] >= 0.99
     assert abs(par["accuracy_delta"]) <= 0.01
     assert card["lineage"]["compress"] and card["lineage"]["train"]
+
+
+def test_dedupe_initializers_and_unused_opsets(tmp_path):
+    """Identical weights are stored once and unused domain imports dropped; the outputs do not change."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgecli.stages.export import dedupe_initializers, drop_unused_opsets
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    inits = [numpy_helper.from_array(w, "w1"), numpy_helper.from_array(w.copy(), "w2"),
+             numpy_helper.from_array(w + 1, "w3")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("MatMul", ["x", "w2"], ["b"]),
+             helper.make_node("MatMul", ["x", "w3"], ["c"]), helper.make_node("Sum", ["a", "b", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    x = np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32)
+    before = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+    assert dedupe_initializers(m) == 1
+    assert sorted(t.name for t in m.graph.initializer) == ["w1", "w3"]
+    assert drop_unused_opsets(m) == ["com.microsoft"]
+    onnx.checker.check_model(m, full_check=True)
+    after = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(after, before)
