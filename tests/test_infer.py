@@ -270,3 +270,26 @@ def test_table_model_csv_npy_and_json_rows(tmp_path):
     assert '"features"' in res["s"]["error"]
     errs = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errs) == 5 and all(any(n in ln for ln in errs) for n in ("short.csv", "words.csv", "nan.csv", "img.npy"))
+
+
+def test_reader_closing_the_pipe_ends_quietly(pipe):
+    """`edgecli infer - | head -1`: a closed stdout ends the session without a traceback."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgecli", "infer", "-c", str(pipe.config), "--json", "-"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=pipe.dir, env=env)
+    try:
+        req = json.dumps({"path": _pngs(pipe)[0]}) + "\n"
+        proc.stdin.write(req)
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["top_k"]
+        proc.stdout.close()
+        proc.stdin.write(req * 50)
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "Exception ignored" not in err
+        assert "stdout was closed after 1 answer(s)" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -25,6 +25,7 @@ this module never imports torch or scikit-learn.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -134,7 +135,6 @@ class Printer:
         self.ok = self.failed = 0
 
     def answer(self, name: str, rid, probs: np.ndarray, ms: float, batch: int) -> None:
-        self.ok += 1
         tk = top_k(probs, self.k, self.model.labels)
         if self.json_out:
             obj = {"input": name}
@@ -150,6 +150,7 @@ class Printer:
         else:
             self.rows.append([name, tk[0]["label"], tk[0]["prob"],
                               ", ".join(f"{t['label']} {t['prob']:.3f}" for t in tk[1:]) or "-", round(ms, 4)])
+        self.ok += 1  # counted once delivered: a closed pipe mid-write is not an answer
 
     def error(self, name: str, rid, msg: str) -> None:
         self.failed += 1
@@ -158,7 +159,7 @@ class Printer:
             obj = {"input": name}
             if rid is not None:
                 obj["id"] = rid
-            obj["error"] = msg
+            obj.update(error=msg, model_sha256=self.model.sha256)
             sys.stdout.write(json.dumps(obj) + "\n")
             sys.stdout.flush()
 
@@ -239,13 +240,25 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
         log_info(f"infer: {path} (sha256 {model.sha256[:16]}...)")
     files = [a for a in inputs if a != "-"]
     # files first, batched; then the stream, one request at a time as lines arrive
-    _answer(model, printer, [reader.argument(a) for a in files], cfg.infer.batch_size)
-    if stream:
-        for lineno, line in enumerate(sys.stdin, start=1):
-            if not line.strip():
-                continue
-            _answer(model, printer, [reader.json_line(line, f"line {lineno}")], 1)
+    closed = False
+    try:
+        _answer(model, printer, [reader.argument(a) for a in files], cfg.infer.batch_size)
+        if stream:
+            for lineno, line in enumerate(sys.stdin, start=1):
+                if not line.strip():
+                    continue
+                _answer(model, printer, [reader.json_line(line, f"line {lineno}")], 1)
+    except BrokenPipeError:
+        # the reader went away (`| head`, a closed socket): the end of the session, not an error;
+        # stdout goes to /dev/null so the interpreter's last flush does not complain either
+        closed = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     res = StageResult(STAGE, "done", None, time.time() - t0)
+    if closed:
+        res.messages.append(f"infer: stdout was closed after {printer.ok} answer(s); stopped")
+        printer.rows.clear()
     res.metrics = {"answered": printer.ok, "failed": printer.failed, "model": str(path), "model_sha256": model.sha256}
     if printer.rows:
         res.tables.append(Table(f"predictions ({path.name}, sha256 {model.sha256[:12]})",
