@@ -228,3 +228,91 @@ def test_full_fine_tune_reaches_090_on_held_out_templates(tmp_path):
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "intent-minilm" / "train" / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] >= 0.90
+
+
+# --------------------------------------------------------------------------- compress -> export -> infer -> bench
+
+
+@pytest.fixture(scope="module")
+def compressed_run(frozen_run):
+    """compress (transformer fusion + dynamic INT8 per-channel) and export of the frozen run, through the CLI."""
+    stage, _ = frozen_run
+    d = stage.parent.parent.parent
+    cfg = _text_cfg(d, "frozen")
+    cfg["data"]["max_samples"] = 300
+    cfg["compress"] = {"input": "train", "steps": [{"quantize": {"mode": "dynamic", "per_channel": True}}],
+                       "max_accuracy_drop": 0.05, "objective": "size", "transformer_optimize": True}
+    cfg["export"] = {"ort_format": False, "parity": {"atol": 0.5, "samples": 64}}
+    cfg["bench"] = {"models": ["compress"], "torch_baseline": False, "warmup": 2, "runs": 10,
+                    "batch_sizes": [1, 4], "budgets": {"accuracy_min": 0.5}}
+    path = write_config(d / "c2.yaml", cfg)
+    rc = edgecli("compress", "-c", str(path), "-q", cwd=d)
+    assert rc.returncode == 0, rc.stderr
+    rx = edgecli("export", "-c", str(path), "-q", cwd=d)
+    assert rx.returncode == 0, rx.stderr
+    return d, path
+
+
+@needs_text
+def test_compress_fuses_then_quantizes_a_two_input_transformer(compressed_run):
+    d, _ = compressed_run
+    report = json.loads((d / "artifacts" / "frozen" / "compress" / "report.json").read_text())
+    assert report["metric"] == "accuracy"  # scored on the tokenised validation split, not on file inputs
+    assert [i.split("[")[0] for i in report["input"]["inputs"]] == ["input_ids", "attention_mask"]
+    fuse, quant = report["steps"]
+    assert fuse["kind"] == "transformer_optimize"
+    assert fuse["options"]["num_heads"] == 12 and fuse["options"]["hidden_size"] == 384  # from config.json
+    assert fuse["fused_ops"]["Attention"] == 6 and fuse["fused_ops"]["SkipLayerNormalization"] >= 6
+    assert fuse["after"]["cosine_min"] > 0.999
+    assert quant["chosen"] == "dynamic per-channel"
+    chosen = next(c for c in quant["candidates"] if c["chosen"])
+    assert chosen["cosine_min"] > 0.9 and chosen["accuracy_drop"] <= 0.05
+    assert report["final"]["size_ratio"] < 0.3  # INT8 weights: about a quarter of FP32
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(d / "artifacts" / "frozen" / "compress" / "model.onnx")).graph.node}
+    assert {"QAttention", "MatMulInteger", "SkipLayerNormalization"} <= ops  # fused kernels, INT8 weights
+
+
+@needs_text
+def test_infer_takes_raw_sentences_and_json_lines(compressed_run):
+    d, path = compressed_run
+    r = edgecli("infer", "-c", str(path), "--json", "turn off the bedroom lights", "what's the weather like tomorrow",
+                cwd=d)
+    assert r.returncode == 0, r.stderr
+    out = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [o["input"] for o in out] == ["turn off the bedroom lights", "what's the weather like tomorrow"]
+    assert out[0]["top_k"][0]["label"] == "lights_off"
+    assert all(o["latency_ms"] > 0 and len(o["top_k"]) == 3 for o in out)
+    lines = '{"id": 7, "text": "please lock the front door"}\n{"text": ""}\n{"text": "unlock the back door"}\n'
+    r = edgecli("infer", "-c", str(path), "--json", "-", cwd=d, input=lines)
+    assert r.returncode == 1  # the empty sentence is refused, the others answered
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert got[0]["id"] == 7 and got[0]["top_k"][0]["label"] == "lock_door"
+    assert "error" in got[1]
+    assert got[2]["top_k"][0]["label"] == "unlock_door"
+
+
+@needs_text
+@pytest.mark.slow
+def test_bench_measures_text_accuracy_on_the_test_split(compressed_run):
+    d, path = compressed_run
+    r = edgecli("bench", "-c", str(path), "-q", "--json", cwd=d)
+    assert r.returncode == 0, r.stderr + r.stdout
+    res = json.loads((d / "artifacts" / "frozen" / "bench" / "results.json").read_text())
+    rows = [row for row in res["rows"] if row["model"] == "compress"]
+    assert {row["batch"] for row in rows} == {1, 4}
+    assert all(not row.get("synthetic_inputs") for row in rows)
+    assert all(row["accuracy"] is not None and row["accuracy"] > 0.5 for row in rows)
+    # timed on real test sentences, padded to the batch's longest, never to max_length
+    assert all(2 < row["sequence"] <= 16 for row in rows)
+
+
+def test_transformer_optimize_on_a_cnn_names_the_keys_to_set(trained_cnn, copy_pipeline):
+    p = copy_pipeline(trained_cnn)
+    cfg = dict(p.cfg, compress={"steps": [{"quantize": {"mode": "dynamic"}}], "transformer_optimize": True})
+    path = write_config(p.dir / "config.yaml", cfg)
+    r = edgecli("compress", "-c", str(path), cwd=p.dir)
+    assert r.returncode == 2
+    assert "compress.transformer_optimize: set compress.num_heads and compress.hidden_size" in r.stderr
+    assert "Traceback" not in r.stderr
