@@ -66,7 +66,7 @@ class EarlyStoppingConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(20, ge=0, description="0: export the (pretrained) model as built, without fitting")
     batch_size: int = Field(64, ge=1, description="global batch size (split across ranks under torchrun)")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-3, gt=0)

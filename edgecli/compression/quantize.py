@@ -133,10 +133,13 @@ class Scorer:
     input model (whose own score is then 1.0).
     """
 
-    def __init__(self, feeds: dict[str, np.ndarray], labels: np.ndarray | None, threads: int, reference=None):
+    def __init__(self, feeds: dict[str, np.ndarray], labels: np.ndarray | None, threads: int, reference=None,
+                 embedding: bool = False):
         self.feeds, self.labels, self.threads = feeds, labels, threads
         self.reference = reference
-        self.metric = "accuracy" if labels is not None else "fidelity"
+        # an embedding model's fidelity is the worst cosine to the reference (top-1 of a vector means nothing)
+        self.embedding = embedding
+        self.metric = "accuracy" if labels is not None else ("cosine_min" if embedding else "fidelity")
 
     def outputs(self, path: Path) -> np.ndarray:
         from edgecli.runtime import make_session
@@ -166,7 +169,7 @@ class Scorer:
             cos = cosine_similarity(ref, out)
             res.update(top1_agreement=agree, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
             if self.labels is None:
-                res["score"] = agree
+                res["score"] = float(cos.min()) if self.embedding else agree
         return res
 
 

@@ -111,6 +111,7 @@ class _Data:
         self.metric = "accuracy"
         self.splits = None
         self.fit_note = ""
+        self.embedding = False
 
 
 def _subset(n: int, k: int | None, seed: int) -> np.ndarray:
@@ -119,7 +120,7 @@ def _subset(n: int, k: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
 
 
-def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None) -> _Data:
+def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None, embedding: bool = False) -> _Data:
     """Validation split when the pipeline's data fits the model input, else the user's inputs (fidelity)."""
     from edgecli.compression.quantize import fit_problem, take
 
@@ -147,6 +148,8 @@ def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None) -> _D
         idx = _subset(len(d.splits.val), cfg.compress.eval_samples, cfg.seed)
         d.eval_feeds = _feeds(d.splits.val.x, inputs, idx)
         d.labels = d.splits.val.y[idx]
+        if embedding:  # sentences without class scores: fidelity of the embeddings to the FP32 model
+            d.labels, d.metric, d.embedding = None, "cosine_min", True
         return d
     d.fit_note = f"the pipeline's data does not fit the model input ({problem}); scoring fidelity to the input model"
     d.metric = "fidelity"
@@ -315,7 +318,8 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
             file_feeds = load_input_file(Path(steps[i].quantize.calibration.data), inputs,
                                          f"compress.steps.{i}.quantize.calibration.data")
             break
-    data = _eval_data(cfg, inputs, file_feeds)
+    src_info = man.get("model_info") if man else json.loads(meta.get("edgecli.model_info", "null"))
+    data = _eval_data(cfg, inputs, file_feeds, embedding=(src_info or {}).get("output_names") == ["embedding"])
     notes = [data.fit_note] if data.fit_note else []
     records: list[dict] = []
     torch_model = None
@@ -335,7 +339,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
         info = man.get("model_info") if man else json.loads(meta.get("edgecli.model_info", "null"))
         cur, fusion = _fuse(cfg, info, cur, work, data, reference, log)
         records.append(fusion)
-    scorer = Scorer(data.eval_feeds, data.labels, cfg.compress.threads, reference=reference)
+    scorer = Scorer(data.eval_feeds, data.labels, cfg.compress.threads, reference=reference, embedding=data.embedding)
     feed1 = {k: v[:1] for k, v in data.eval_feeds.items()}
     outcomes = []
     for i in q_idx:
@@ -448,7 +452,7 @@ def _fuse(cfg, info, cur: Path, work: Path, data: _Data, reference, log) -> tupl
     if not counts.get("Attention") and not counts.get("MultiHeadAttention"):
         raise DataError(f"compress.transformer_optimize: no attention was fused ({counts or 'nothing fused'}); check "
                         f"compress.num_heads/hidden_size ({heads}/{hidden}) and export with the TorchScript exporter")
-    sc = Scorer(data.eval_feeds, data.labels, cfg.compress.threads, reference=reference)
+    sc = Scorer(data.eval_feeds, data.labels, cfg.compress.threads, reference=reference, embedding=data.embedding)
     before, after = sc.score(cur), sc.score(dst)
     if after.get("cosine_min", 0.0) < 0.999:
         raise DataError(f"compress.transformer_optimize: the fused model disagrees with its input (min cosine "

@@ -73,6 +73,11 @@ def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: boo
     frozen = apply_freeze(model, cfg.train.freeze)
     if frozen:
         notes.append(f"froze {frozen} parameter tensors ({', '.join(cfg.train.freeze)})")
+    if cfg.train.epochs == 0:  # e.g. a pretrained sentence embedder used as it is published
+        from edgecli.training import FitResult
+
+        notes.append("train.epochs is 0: the model is exported as built, without fitting")
+        return model.eval(), FitResult(float("nan"), 0, 0, False, None), notes
     res = fit(
         model, splits.train.x, splits.train.y, splits.val.x, splits.val.y, cfg.train,
         num_classes=num_classes, seed=cfg.seed, checkpoint=checkpoint, resume=resume, fingerprint=fp,
@@ -111,6 +116,10 @@ def save_model_files(w_dir: Path, model, cfg: PipelineConfig, info: dict, x_chec
 
 def _metrics(model, splits, num_classes):
     from edgecli.training import evaluate
+
+    if getattr(model, "output_name", "logits") != "logits":  # an embedder: its outputs are not class scores
+        empty = {"accuracy": None, "f1_macro": None, "num_samples": None}
+        return {"val": dict(empty, num_samples=len(splits.val)), "test": dict(empty, num_samples=len(splits.test))}
 
     val, _ = evaluate(model, splits.val.x, splits.val.y, num_classes)
     test, _ = evaluate(model, splits.test.x, splits.test.y, num_classes)
