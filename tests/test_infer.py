@@ -186,6 +186,20 @@ def test_usage_errors(pipe, copy_pipeline, trained_cnn):
     bad.write_bytes(b"\x08\x07garbage" * 10)
     r = edgecli("infer", "-c", str(p.config), "--set", f"infer.input={bad}", _pngs(pipe)[0], cwd=p.dir)
     assert r.returncode == 2 and "not a valid ONNX model" in r.stderr
+    # weights said to live outside the model's directory are refused before anything reads them
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    m = onnx.load(str(pipe.run_dir / "export" / "model.onnx"))
+    t = max(m.graph.initializer, key=lambda t: len(t.raw_data))
+    (p.dir / "outside.bin").write_bytes(t.raw_data)
+    set_external_data(t, location="../outside.bin")
+    t.ClearField("raw_data")
+    (p.dir / "sub").mkdir()
+    onnx.save(m, str(p.dir / "sub" / "escape.onnx"))
+    r = edgecli("infer", "-c", str(p.config), "--set", f"infer.input={p.dir / 'sub' / 'escape.onnx'}",
+                _pngs(pipe)[0], cwd=p.dir)
+    assert r.returncode == 2 and "escapes the model's directory" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_model_without_metadata_takes_model_inputs(pipe, tmp_path):
