@@ -569,8 +569,9 @@ class QuantizeJob:
                 self.log(f"building candidate: {c.name}")
                 self._build(c, prepped)
         built = [c for c in cands if c.path is not None]
-        # accuracy-aware: if no static candidate holds the budget, back off the first static one
-        statics = [c for c in built if c.mode == "static"]
+        # accuracy-aware: if no INT8 candidate holds the budget, back off the first one (static
+        # first) by leaving its most sensitive nodes in FP32
+        statics = [c for c in built if c.mode == "static"] or [c for c in built if c.mode == "dynamic"]
         if self.max_drop is not None and statics and not any(self._holds(c) for c in statics):
             cands += self._backoff(statics[0], prepped)
             built = [c for c in cands if c.path is not None]
