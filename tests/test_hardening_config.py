@@ -32,6 +32,8 @@ def snapshot(root: Path) -> dict[str, str]:
                 out[rel] = "link:" + os.readlink(p)
             elif p.is_dir():
                 out[rel] = "dir"
+            elif not p.is_file():  # a FIFO or device: reading it would block
+                out[rel] = "special"
             else:
                 try:
                     out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
