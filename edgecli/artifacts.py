@@ -230,6 +230,9 @@ class ArtifactStore:
         """Clean what a killed run left: temporary stage dirs; restore a stage caught mid-swap."""
         if not self.run_dir.is_dir():
             return
+        # a checkpoint half-saved by a killed run (the last complete one stays beside it)
+        for p in (self.run_dir / ".checkpoints").glob("*/.*.tmp-*"):
+            p.unlink(missing_ok=True)
         for p in self.run_dir.iterdir():
             if p.name.startswith(".") and ".tmp-" in p.name:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
