@@ -48,12 +48,12 @@ def test_unknown_key_suggests_the_right_one_with_line(tmp_path):
 
 
 def test_all_problems_reported_at_once(tmp_path):
-    p = _write(tmp_path, "name: x\ntrain:\n  epochs: 0\n  lr: -1\n  optimizer: adam\n")
+    p = _write(tmp_path, "name: x\ntrain:\n  epochs: -1\n  lr: -1\n  optimizer: adam\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
     keys = [s.split(" ")[1].rstrip(":") for s in e.value.problems]
     assert sorted(keys) == ["train.epochs", "train.lr", "train.optimizer"]
-    assert f"{p}:3 train.epochs: Input should be greater than or equal to 1 (got 0)" in e.value.problems
+    assert f"{p}:3 train.epochs: Input should be greater than or equal to 0 (got -1)" in e.value.problems
 
 
 def test_duplicate_keys_are_rejected(tmp_path):
