@@ -379,9 +379,11 @@ def fit(
                     logits = net(**xb) if isinstance(xb, dict) else net(xb)
                     loss = loss_fn(logits.float(), xb, yb)
                 if not torch.isfinite(loss):
+                    kept = (f"the last good checkpoint (epoch {epoch}) is kept in {checkpoint.parent}"
+                            if checkpoint is not None and checkpoint.is_file() and epoch > 0
+                            else "no epoch completed, so no checkpoint was kept")
                     raise TrainingDiverged(
-                        f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                        f"the last good checkpoint (epoch {epoch}) is kept",
+                        f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; {kept}",
                         hint="lower train.lr, or set train.max_grad_norm",
                     )
                 opt.zero_grad(set_to_none=True)
