@@ -18,6 +18,7 @@ MODELS = Registry(
         "mobilenet": Entry("edgecli.models.zoo:MobileNetV2", "MobileNetV2-style net with a width multiplier"),
         "dscnn": Entry("edgecli.models.zoo:DSCNN", "depthwise-separable CNN as in MLPerf Tiny keyword spotting"),
         "minilm": Entry("edgecli.models.text:MiniLMClassifier", "pretrained all-MiniLM-L6-v2 + mean pooling + head"),
+        "minilm-embed": Entry("edgecli.models.text:MiniLMEmbedder", "pretrained all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2 norm)"),
     },
 )
 

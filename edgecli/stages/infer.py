@@ -232,6 +232,11 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     model = Model(path, cfg.infer.threads, cfg.infer.providers)
     if not model.inputs:
         raise ModelFileError(f"{path}: the model has no inputs")
+    outs = [o.name for o in model.sess.get_outputs()]
+    if model.labels is None and outs and outs[0] == "embedding":
+        # top-k of a softmax over embedding dimensions would look like an answer and mean nothing
+        raise UsageError(f"infer: {path} is an embedding model (output 'embedding', no labels); "
+                         "it has no classes to rank — use bench for its fidelity, or a classifier config")
     reader = reader_for(model.info, model.inputs)
     k = top_k_override or cfg.infer.top_k
     stream = "-" in inputs
