@@ -38,7 +38,7 @@ bench: install
 	$(BIN)/python benchmarks/quantization.py
 
 lint: install
-	$(BIN)/ruff check edgecli tests benchmarks
+	$(BIN)/ruff check edgecli tests benchmarks scripts
 
 clean:
 	rm -rf artifacts .pytest_cache

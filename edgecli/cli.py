@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -39,7 +39,7 @@ STAGE_MODULES = {
 
 # Options shared by every stage command, defined once.
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="pipeline YAML file", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a config value: key.path=value (repeatable)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config value: key.path=value (repeatable)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="rerun even if config and inputs are unchanged")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress or status lines on stderr")]
@@ -185,7 +185,7 @@ def bench(
     config: ConfigOpt,
     set_: SetOpt = None,
     force: ForceOpt = False,
-    baseline: Annotated[Optional[Path], typer.Option("--baseline", help="an earlier results.json to compare with")] = None,
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="an earlier results.json to compare with")] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -204,7 +204,7 @@ def infer(
     inputs: Annotated[list[str], typer.Argument(help="image files, .npy arrays, .csv rows, text, or - for JSON lines on stdin")],
     config: ConfigOpt,
     set_: SetOpt = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="labels per input (default infer.top_k)")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="labels per input (default infer.top_k)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="one JSON object per input and line on stdout")] = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,

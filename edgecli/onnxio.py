@@ -31,7 +31,7 @@ def quiet_exporter():
         try:
             yield
         finally:
-            for lg, lv in zip(loggers, levels):
+            for lg, lv in zip(loggers, levels, strict=True):
                 lg.setLevel(lv)
 
 
