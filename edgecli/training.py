@@ -254,9 +254,19 @@ LossFn = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
 def _save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError from its zip writer
+        import errno
+        import shutil
+
+        tmp.unlink(missing_ok=True)
+        full = shutil.disk_usage(path.parent).free < (1 << 20)
+        raise OSError(errno.ENOSPC if full else errno.EIO,
+                      "No space left on device" if full else f"cannot write checkpoint ({str(e).splitlines()[0][:120]})",
+                      str(path)) from None
     os.replace(tmp, path)
 
 
