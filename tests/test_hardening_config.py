@@ -130,7 +130,7 @@ def test_wrong_types_and_ranges_are_all_reported_at_once(tmp_path):
 
 
 def test_validate_command_reports_the_same_problems(tmp_path):
-    r, cfg = _run(tmp_path, BASE + "train:\n  epochs: 0\n  batchsize: 3\n", cmd="validate")
+    r, cfg = _run(tmp_path, BASE + "train:\n  epochs: -1\n  batchsize: 3\n", cmd="validate")
     assert_user_error(r, 2, "config error", f"{cfg}:4 train.epochs", "did you mean 'batch_size'", lines=2)
 
 
