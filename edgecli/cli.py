@@ -77,7 +77,9 @@ def _setup(quiet: bool, verbose: bool) -> None:
 
 
 def _on_sigterm(signum, frame):  # let cleanup (temp dirs, locks) run as for Ctrl-C
-    raise KeyboardInterrupt
+    from edgecli.errors import Terminated
+
+    raise Terminated
 
 
 def _stage_module(stage: str):

@@ -5,6 +5,7 @@ Exit codes (documented in README.md):
     1  a check failed: ONNX parity, a bench budget, a regression, an input that could not be answered
     2  bad usage: config, command-line, data or model file the user must fix
     130 interrupted (Ctrl-C)
+    143 terminated (SIGTERM)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports it
 
 
 class EdgeError(Exception):
@@ -87,6 +89,10 @@ class NotImplementedStage(EdgeError):
     kind = "not implemented yet"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (CI cancel, kill): unwinds like Ctrl-C so temp dirs and locks are cleaned."""
+
+
 def debug_enabled() -> bool:
     return os.environ.get("EDGECLI_DEBUG", "") not in ("", "0", "false", "no")
 
@@ -97,6 +103,9 @@ def report(exc: BaseException) -> int:
         for line in exc.lines():
             print(line, file=sys.stderr)
         return exc.exit_code
+    if isinstance(exc, Terminated):
+        print("terminated: stopped by SIGTERM; nothing half-written was published", file=sys.stderr)
+        return EXIT_TERMINATED
     if isinstance(exc, KeyboardInterrupt):
         print("interrupted: stopped by Ctrl-C; nothing half-written was published", file=sys.stderr)
         return EXIT_INTERRUPTED

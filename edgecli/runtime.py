@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +44,14 @@ def make_session(path: str | Path, *, threads: int = 1, providers: list[str] | N
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
-    if log_errors_only:
-        so.log_severity_level = 3
+    if log_errors_only and not os.environ.get("EDGECLI_VERBOSE"):
+        # fatal only: a failure's text reaches the user in our one-line error instead
+        so.log_severity_level = 4
     usable, _ = resolve_providers(providers)
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=usable)
+        # ONNX Runtime print()s provider fallback banners; they must never reach --json stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return ort.InferenceSession(str(path), sess_options=so, providers=usable)
     except Exception as e:
         msg = str(e).splitlines()[0][:300]
         raise ModelFileError(f"{path}: ONNX Runtime cannot load this model ({msg})") from None

@@ -118,6 +118,58 @@ def test_sigint_says_so_at_once_and_exits_130(tmp_path):
     assert json.loads((run / ".lock").read_text())["active"] is False  # released, not stale
 
 
+def test_sigterm_unwinds_like_ctrl_c_and_exits_143(tmp_path):
+    art = tmp_path / "art"
+    path = write_config(tmp_path / "c.yaml", tiny_config("term", art, train={"epochs": 40, "batch_size": 16}))
+    proc = _popen("train", "-c", str(path), cwd=tmp_path)
+    assert _wait_for((art / "term/.checkpoints/train/last.pt").exists), "training never started"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and out == ""
+    said = [ln for ln in err.splitlines() if ln.startswith("terminated")]
+    assert len(said) == 1 and "SIGTERM" in said[0]
+    assert _published(art / "term") == [] and _leftovers(art / "term") == []
+
+
+def _kill_stage_then_rerun(pipe, stage: str, seed: int) -> None:
+    """SIGKILL `stage` at a seeded point; the published stages still verify and a rerun completes."""
+    rng = random.Random(seed)
+    art = Path(pipe.cfg["artifacts_dir"])
+    name = pipe.cfg["name"]
+    proc = _popen(stage, "-c", str(pipe.config), "-q", "--force", cwd=pipe.dir)
+    time.sleep(rng.uniform(0.3, 4.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    _assert_consistent(art, name)
+    assert ArtifactStore(art, name).verify("train"), "a killed later stage touched train/"
+    r = edgecli(stage, "-c", str(pipe.config), "-q", cwd=pipe.dir)
+    assert r.returncode == 0, r.stderr
+    assert ArtifactStore(art, name).verify(stage)
+    assert _leftovers(art / name) == []
+
+
+@pytest.mark.parametrize("stage,seed", [("compress", 11), ("export", 12)])
+def test_sigkill_during_compress_and_export(trained_cnn, copy_pipeline, stage, seed):
+    pipe = copy_pipeline(trained_cnn)
+    pipe.cfg["compress"] = {"steps": [{"quantize": {"mode": "static", "calibration": {"samples": 64}}}]}
+    write_config(pipe.config, pipe.cfg)
+    if stage == "export":  # a published compress stage feeds export
+        r = edgecli("compress", "-c", str(pipe.config), "-q", cwd=pipe.dir)
+        assert r.returncode == 0, r.stderr
+    _kill_stage_then_rerun(pipe, stage, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(200, 216))
+def test_sigkill_compress_export_soak(trained_cnn, copy_pipeline, seed):
+    pipe = copy_pipeline(trained_cnn)
+    pipe.cfg["compress"] = {"steps": [{"quantize": {"mode": "auto", "calibration": {"samples": 64}}}]}
+    write_config(pipe.config, pipe.cfg)
+    assert edgecli("compress", "-c", str(pipe.config), "-q", cwd=pipe.dir).returncode == 0
+    _kill_stage_then_rerun(pipe, "export" if seed % 2 else "compress", seed)
+
+
 def test_second_writer_fails_fast_naming_the_holder(tmp_path):
     art = tmp_path / "art"
     path = write_config(tmp_path / "c.yaml", tiny_config("busy", art, train={"epochs": 1}))

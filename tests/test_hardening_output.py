@@ -120,8 +120,9 @@ def test_unknown_option_is_usage_exit_2():
 def test_exit_code_table_matches_the_error_types():
     doc = errors.__doc__
     table = {int(m.group(1)): m.group(2) for m in re.finditer(r"^\s+(\d+)\s+(.+)$", doc, re.M)}
-    assert set(table) == {0, 1, 2, 130}
+    assert set(table) == {0, 1, 2, 130, 143}
     assert "check failed" in table[1] and "bad usage" in table[2] and "interrupted" in table[130]
+    assert "SIGTERM" in table[143] and errors.EXIT_TERMINATED == 143
     for cls in (errors.ConfigError, errors.UsageError, errors.DataError, errors.ModelFileError, errors.ArtifactError,
                 errors.LockError, errors.NotImplementedStage):
         assert cls.exit_code == errors.EXIT_USAGE == 2, cls

@@ -111,4 +111,8 @@ def resolve_input(store: ArtifactStore, ref: str | None, default_order: tuple[st
         raise ArtifactError(f"{key}: '{ref}' is neither a stage ({', '.join(STAGES[:3])}){did_you_mean(ref, STAGES)} nor a model file")
     if not p.is_file():
         raise ArtifactError(f"{key}: model file {p} does not exist")
+    if p.suffix.lower() != ".ort":
+        from edgecli.onnxio import probe_model
+
+        probe_model(p)  # a model from elsewhere: a crash in ONNX Runtime kills a child, not edgecli
     return None, p
