@@ -70,7 +70,10 @@ def run_stage(store: ArtifactStore, stage: str, fingerprint: str, force: bool,
     """
     with store.lock(command or f"edgecli {stage}"):
         if not force and store.up_to_date(stage, fingerprint):
-            return skipped_result(store, stage)
+            res = skipped_result(store, stage)
+            if getattr(store, "stale_lock_message", ""):
+                res.messages.append(store.stale_lock_message)
+            return res
         t0 = time.time()
         w = store.begin(stage)
         try:
