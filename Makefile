@@ -23,9 +23,9 @@ run: install
 	$(BIN)/edgecli train -c $(CONFIG)
 	$(BIN)/edgecli compress -c $(CONFIG)
 	$(BIN)/edgecli export -c $(CONFIG)
-	$(BIN)/edgecli bench -c $(CONFIG)
 	$(BIN)/python scripts/sample_digits.py -c $(CONFIG) --out artifacts/samples -n 5
 	$(BIN)/edgecli infer -c $(CONFIG) artifacts/samples/*.png
+	$(BIN)/edgecli bench -c $(CONFIG)
 
 test: install
 	$(BIN)/python -m pytest -q
