@@ -128,8 +128,12 @@ def test_killing_one_rank_ends_the_run_then_resume_finishes(tmp_path):
     assert proc.returncode != 0
     assert elapsed < timeout_s, f"the run took {elapsed:.0f} s to end after a rank died"
     _, err0 = _rank_logs(logs, 0)
-    # the survivor says why in one line, and the launcher names the dead rank
-    assert "error: rank 0: another torchrun process failed or stopped answering" in err0, err0[-2000:]
+    # the survivor says why in one line, and the launcher names the dead rank. Which line depends on a
+    # race: rank 0 notices the dead peer at its next collective, unless torchrun's SIGTERM comes first.
+    said = [ln for ln in err0.splitlines() if ln.startswith(("error:", "terminated:"))]
+    assert len(said) == 1, err0[-2000:]
+    assert ("another torchrun process failed or stopped answering" in said[0]
+            or "terminated: stopped by SIGTERM; nothing half-written was published" in said[0]), said[0]
     assert "Traceback" not in err0
     assert "SIGKILL" in err
     run = art / "digits-cnn"
