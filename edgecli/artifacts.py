@@ -137,17 +137,17 @@ class ArtifactStore:
         try:
             return json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ArtifactError(f"{mpath} is corrupt; rerun `edgecli {stage} --force`") from None
+            raise ArtifactError(f"{mpath} is corrupt; rerun `edgecli {stage} -c <config> --force`") from None
 
     def require(self, stage: str, filename: str) -> Path:
         """Path of a file of a published stage, verified against the stage's manifest."""
         m = self.manifest(stage)
         p = self.stage_dir(stage) / filename
         if not p.is_file():
-            raise ArtifactError(f"{p} is missing; rerun `edgecli {stage} --force`")
+            raise ArtifactError(f"{p} is missing; rerun `edgecli {stage} -c <config> --force`")
         want = m.get("outputs", {}).get(filename)
         if want and sha256_file(p) != want:
-            raise ArtifactError(f"{p} does not match its manifest (modified after publish?); rerun `edgecli {stage} --force`")
+            raise ArtifactError(f"{p} does not match its manifest (modified after publish?); rerun `edgecli {stage} -c <config> --force`")
         return p
 
     def verify(self, stage: str) -> bool:

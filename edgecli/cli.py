@@ -231,10 +231,12 @@ def validate(
     _setup(False, False)
     try:
         from edgecli.config import load_config
-        from edgecli.validate import check_names
+        from edgecli.validate import check_names, describe
 
         cfg = load_config(config, set_ or [])
         check_names(cfg)
+        for line in describe(cfg):
+            print(line)
         print(f"{config}: ok")
     except EdgeError as e:
         raise typer.Exit(report(e)) from None

@@ -469,14 +469,23 @@ def _render(e: ValidationError, source: str, lines: dict[str, int], overridden: 
             msg = "required key is missing"
         elif "input" in err and err["type"] not in ("model_type",) and not isinstance(err["input"], dict):
             msg = f"{msg} (got {err['input']!r})"
-        origin = "--set" if any(path == o or path.startswith(o + ".") for o in overridden) else None
+        # an override's own key, a key below it, or the unknown section it tried to create
+        origin = "--set" if any(path == o or path.startswith(o + ".")
+                                or (o.startswith(path + ".") and path not in lines) for o in overridden) else None
         if origin:
             where = f"{source} --set"
         else:
             line = _line_for(path, lines)
             where = f"{source}:{line}" if line else source
         out.append(f"{where} {path or '<top>'}: {msg}")
-    # the same location can be reported once per union member; keep the first
+    # in file order (pydantic reports in schema order); then the same location can be reported
+    # once per union member: keep the first
+    def _line_no(text: str) -> int:
+        head = text.split(" ", 1)[0]
+        tail = head.rsplit(":", 1)[-1]
+        return int(tail) if tail.isdigit() else 10**9
+
+    out.sort(key=_line_no)
     seen, unique = set(), []
     for line in out:
         key = line.split(": ", 1)[0]

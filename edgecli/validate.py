@@ -26,3 +26,25 @@ def check_names(cfg: PipelineConfig) -> None:
                     problems += [p.replace("model.arch", f"compress.steps.{i}.{step.kind}.student.arch") for p in e.problems]
     if problems:
         raise ConfigError(problems)
+    # a custom class is imported, as train would: a path that does not import is a config error now
+    for key, name in (("model.arch", cfg.model.arch),):
+        if ":" in name:
+            from edgecli.registry import import_target
+
+            import_target(name, key)
+
+
+def describe(cfg: PipelineConfig) -> list[str]:
+    """What the config's names resolve to, one line each (printed by `edgecli validate`)."""
+    from edgecli.data import DATASETS
+    from edgecli.models import MODELS
+
+    out = []
+    for key, reg, name in (("data.dataset", DATASETS, cfg.data.dataset), ("model.arch", MODELS, cfg.model.arch)):
+        if name in reg.entries:
+            out.append(f"{key}: {name} -> {reg.entries[name].target}")
+        else:
+            out.append(f"{key}: {name} (custom code, imported from your Python path: run only configs you trust)")
+    for i, step in enumerate(cfg.compress.steps):
+        out.append(f"compress.steps.{i}: {step.kind}")
+    return out

@@ -231,7 +231,7 @@ def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> t
     man = store.manifest("train")
     info = man.get("model_info")
     if not info:
-        raise ArtifactError("train manifest has no model_info; rerun `edgecli train --force`")
+        raise ArtifactError("train manifest has no model_info; rerun `edgecli train -c <config> --force`")
     model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args"))
     model.load_state_dict(load_weights_file(store.require("train", "weights.safetensors")))
     model.eval()

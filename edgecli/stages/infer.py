@@ -239,6 +239,8 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
                          "it has no classes to rank — use bench for its fidelity, or a classifier config")
     reader = reader_for(model.info, model.inputs)
     k = top_k_override or cfg.infer.top_k
+    if model.labels:
+        k = min(k, len(model.labels))  # --top-k 20 on 10 classes: all 10
     stream = "-" in inputs
     printer = Printer(json_out_stream, model, k, stream)
     if not quiet:
