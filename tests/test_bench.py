@@ -231,3 +231,18 @@ def test_latency_stats_and_pareto_front_by_hand():
     ok = compare_baseline(rows, base, "m", 0.10)
     assert ok["ok"] and ok["checked_rows"] == 1  # +5% on the target; 'o' regressed but is not the target
     assert not compare_baseline(rows, base, "m", 0.01)["ok"]
+
+
+def test_baseline_of_another_pipeline_is_refused(trained_cnn, copy_pipeline, tmp_path):
+    p = copy_pipeline(trained_cnn)
+    r = edgecli("bench", "-c", str(p.config), "-q", "--set", "bench.torch_baseline=false", cwd=p.dir)
+    assert r.returncode == 0, r.stderr
+    other = json.loads((p.run_dir / "bench/results.json").read_text())
+    other["pipeline"] = "some-other-pipeline"
+    base = tmp_path / "other.json"
+    base.write_text(json.dumps(other))
+    r = edgecli("bench", "-c", str(p.config), "-q", "--baseline", str(base), cwd=p.dir)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"usage error: --baseline {base}: results of pipeline 'some-other-pipeline', not '{p.cfg['name']}'; "
+        "compare runs of the same pipeline"]

@@ -599,6 +599,10 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     if b.batch_size is not None and b.batch_size not in bc.batch_sizes:
         raise ConfigError(f"bench.budgets.batch_size: {b.batch_size} is not one of bench.batch_sizes {bc.batch_sizes}")
     base_data = load_baseline(baseline) if baseline else None  # a bad file fails before minutes of measuring
+    if base_data is not None and base_data.get("pipeline") not in (None, cfg.name):
+        # rows match by stage name: another pipeline's numbers would compare silently and wrongly
+        raise UsageError(f"--baseline {baseline}: results of pipeline '{base_data.get('pipeline')}', "
+                         f"not '{cfg.name}'; compare runs of the same pipeline")
     targets, notes = select_targets(cfg, store)
     target = budget_target(cfg, targets)
     if b.max_accuracy_drop is not None and not store.exists("train") and "train" not in [t.label for t in targets]:
