@@ -119,3 +119,23 @@ def resolve_input(store: ArtifactStore, ref: str | None, default_order: tuple[st
 
         probe_model(p)  # a model from elsewhere: a crash in ONNX Runtime kills a child, not edgecli
     return None, p
+
+
+def stale_upstream_notes(cfg, store: ArtifactStore, upstream: tuple[str, ...]) -> list[str]:
+    """Notes when a published upstream stage was built from another config section than the current one.
+
+    Stages chain by artifacts, like make: compress reads the *published* train stage. When the user
+    has since edited `train:` without rerunning train, say so instead of silently using the old model.
+    """
+    notes = []
+    for st in upstream:
+        if not store.exists(st):
+            continue
+        try:
+            published = store.manifest(st).get("config")
+        except ArtifactError:
+            continue
+        if published is not None and published != cfg.section(st):
+            notes.append(f"note: the published {st} stage was built from a different `{st}:` config than "
+                         f"this one; run `edgecli {st} -c {cfg.source}` to rebuild it first")
+    return notes

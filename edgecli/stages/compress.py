@@ -286,6 +286,9 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
             return _build(cfg, store, w, Path(tmp), stage, src_path, state, quiet, log)
 
     res = run_stage(store, STAGE, fp, force, build, command="edgecli compress")
+    from edgecli.stages import stale_upstream_notes
+
+    res.messages += stale_upstream_notes(cfg, store, ("train",))
     return _result(res, state, store)
 
 

@@ -368,6 +368,9 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
             return _build(cfg, store, w, Path(tmp), stage, src, state, log)
 
     res = run_stage(store, STAGE, fp, force, build, command="edgecli export")
+    from edgecli.stages import stale_upstream_notes
+
+    res.messages += stale_upstream_notes(cfg, store, ("train", "compress"))
     return _result(res, state, store)
 
 

@@ -148,6 +148,8 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
                                                  f"trained in float32 on {device}")
         model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt, fp=fp,
                                                    device=device)
+        if fitres.resumed_from_epoch:
+            notes.append(f"resumed from the checkpoint of epoch {fitres.resumed_from_epoch}")
         state.setdefault("notes", []).extend(notes)
         return _publishable(w, cfg, splits, model, fitres, state)
 
