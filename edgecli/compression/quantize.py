@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import statistics
 import time
@@ -214,6 +215,17 @@ def _quiet_ort():
         lg.setLevel(old)
 
 
+@contextlib.contextmanager
+def _in_dir(path: Path):
+    """Run a third-party call that writes into the current directory inside ``path`` instead."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def pre_process(src: Path, dst: Path) -> list[str]:
     """ONNX Runtime's quantization pre-processing (symbolic + ONNX shape inference, optimisation).
 
@@ -227,9 +239,12 @@ def pre_process(src: Path, dst: Path) -> list[str]:
         ("ONNX shape inference + optimisation (symbolic shape inference failed)", {"skip_symbolic_shape": True}),
         ("shape inference only (graph optimisation failed)", {"skip_optimization": True, "skip_symbolic_shape": True}),
     ]
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     for what, kw in attempts:
         try:
-            with _quiet_ort():
+            # ORT's symbolic shape inference saves "sym_shape_infer_temp.onnx" + a <uuid>.data file
+            # (90 MB for MiniLM) in the current directory and leaves the data behind: run it in ours
+            with _quiet_ort(), _in_dir(dst.parent):
                 quant_pre_process(str(src), str(dst), **kw)
             if kw:
                 notes.append(f"quantization pre-processing: {what}")
