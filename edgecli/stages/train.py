@@ -253,9 +253,14 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
         state.setdefault("notes", []).extend(notes)
         state["notes"].append(f"trained with DistributedDataParallel on {d.world} processes "
                               f"({cfg.train.batch_size // d.world} samples per process per step)")
-        # No collective after training: rank 0 publishes alone, and a slow ONNX export must not
-        # time out ranks that would otherwise wait for it in a barrier.
+        # Every rank waits for rank 0 to publish, then all leave together: a rank that tore down its
+        # process group while rank 0 was still exporting aborted in gloo ("terminate called without an
+        # active exception"), and torchrun then SIGTERMed rank 0 mid-publish. The wait is bounded by
+        # train.dist_timeout_s; if rank 0 fails instead, torchrun stops the waiting ranks at once.
+        from edgecli.training import barrier
+
         if not d.is_main:
+            barrier()
             return StageResult(STAGE, "done", None)
         w = store.begin(STAGE)
         try:
@@ -267,6 +272,7 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
             raise
         with contextlib.suppress(OSError):
             ckpt.unlink()
+        barrier()  # released: the other ranks may exit now
         outputs = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
         return _result(StageResult(STAGE, "done", final, time.time() - t0, metrics=metrics, outputs=outputs), state)
     except (tdist.DistError, RuntimeError) as e:
