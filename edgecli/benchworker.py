@@ -255,8 +255,6 @@ def measure_torch(spec: dict) -> dict:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # only settable once, before any parallel work
         pass
-    from edgecli.models import build_model
-    from edgecli.training import load_weights_file
 
     import_ms = (time.perf_counter() - t0) * 1e3
     x, y = _load_inputs(spec)
@@ -266,11 +264,7 @@ def measure_torch(spec: dict) -> dict:
     if isinstance(x, dict):
         return _measure_torch_text(spec, x, y, info, import_ms, threads)
     rss_before = _rss_kb()
-    t0 = time.perf_counter()
-    model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args") or {})
-    model.load_state_dict(load_weights_file(Path(spec["weights"])))
-    model.eval()
-    load_ms = (time.perf_counter() - t0) * 1e3
+    model, load_ms = _load_torch_model(spec, info)
     first_ms = None
     batches = []
     with torch.inference_mode():
@@ -304,16 +298,10 @@ def _measure_torch_text(spec: dict, x: dict, y, info: dict, import_ms: float, th
     """PyTorch eager baseline of a text model: the same test rows, trimmed the same way."""
     import torch
 
-    from edgecli.models import build_model
-    from edgecli.training import load_weights_file
 
     names = list(info.get("input_names") or ["input_ids", "attention_mask"])
     rss_before = _rss_kb()
-    t0 = time.perf_counter()
-    model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args") or {})
-    model.load_state_dict(load_weights_file(Path(spec["weights"])))
-    model.eval()
-    load_ms = (time.perf_counter() - t0) * 1e3
+    model, load_ms = _load_torch_model(spec, info)
 
     class _I:  # the names and dtypes _dict_batch needs
         def __init__(self, name):
@@ -377,6 +365,18 @@ def main(argv: list[str]) -> int:
     tmp.write_text(json.dumps(res))
     os.replace(tmp, out_path)
     return 0
+
+
+def _load_torch_model(spec: dict, info: dict):
+    """The trained PyTorch model for the eager baseline, and how long building + loading took (ms)."""
+    from edgecli.models import build_model
+    from edgecli.training import load_weights_file
+
+    t0 = time.perf_counter()
+    model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args") or {})
+    model.load_state_dict(load_weights_file(Path(spec["weights"])))
+    model.eval()
+    return model, (time.perf_counter() - t0) * 1e3
 
 
 if __name__ == "__main__":
