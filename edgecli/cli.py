@@ -82,6 +82,26 @@ def _on_sigterm(signum, frame):  # let cleanup (temp dirs, locks) run as for Ctr
     raise Terminated
 
 
+_term_pending = False
+
+
+def _defer_sigterm(signum, frame):  # while the one-line report is being written: finish it first
+    global _term_pending
+    _term_pending = True
+
+
+def _exit_on_sigterm(signum, frame, code: int = 143):
+    # the stage has ended and said what it had to; a SIGTERM now (torchrun stopping the peers of a failed
+    # rank while this one shuts down) must not raise inside interpreter-exit finalizers and print their
+    # traceback: leave at once with the conventional code
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
 def _stage_module(stage: str):
     name = STAGE_MODULES[stage]
     if importlib.util.find_spec(name) is None:
@@ -127,6 +147,7 @@ def _invoke(stage: str, config: Path, sets: list[str] | None, *, force=False, js
             _render(res, json_out)
         code = res.exit_code
     except (Exception, KeyboardInterrupt) as e:  # report() knows which; unknown ones re-raise below
+        signal.signal(signal.SIGTERM, _defer_sigterm)
         if debug_enabled() and not isinstance(e, KeyboardInterrupt):
             import traceback
 
@@ -134,6 +155,10 @@ def _invoke(stage: str, config: Path, sets: list[str] | None, *, force=False, js
         code = report(e)
         if code < 0:
             raise
+    finally:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if _term_pending:
+        _exit_on_sigterm(signal.SIGTERM, None, code or 143)
     if code:
         raise typer.Exit(code)
 

@@ -132,6 +132,24 @@ def test_sigterm_unwinds_like_ctrl_c_and_exits_143(tmp_path):
     assert _published(art / "term") == [] and _leftovers(art / "term") == []
 
 
+def test_sigterm_while_shutting_down_after_an_error_prints_no_traceback(tmp_path):
+    # torchrun SIGTERMs the surviving ranks when one fails; a rank that has already printed its one-line
+    # error may get the signal while the interpreter runs its exit finalizers (seen in CI: a traceback
+    # out of torch.library's weakref finalizer). Here the signal arrives from an atexit hook, as late.
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(1), print('survived', file=sys.stderr)))\n"
+        "from edgecli.cli import main\n"
+        "sys.argv = ['edgecli', 'train', '-c', 'missing.yaml']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in proc.stderr and "survived" not in proc.stderr, proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "error: " in ln]
+    assert len(said) == 1 and "missing.yaml" in said[0], proc.stderr
+    assert proc.returncode == 143
+
+
 def _kill_stage_then_rerun(pipe, stage: str, seed: int) -> None:
     """SIGKILL `stage` at a seeded point; the published stages still verify and a rerun completes."""
     rng = random.Random(seed)
