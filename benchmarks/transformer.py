@@ -11,6 +11,11 @@ at batch 1, sequence 128, 1 thread, so machine load hits all alike:
     fused fp16             FP16 weights (CPU converts back to FP32: size only)
     fused int4             INT4 weight-only MatMulNBits (block 32, accuracy level 4)
     quantize_dynamic defaults  the peer to beat: plain quantize_dynamic(src, dst), nothing else
+    edgecli cosine-aware   `edgecli compress -c configs/minilm-embed.yaml`: fused, dynamic INT8 per-channel,
+                           its most sensitive nodes left FP32 until every sentence keeps cosine >= 0.99
+
+The verdict at the end says which goals each variant meets, whether any meets all four together, and
+the best trade-off found: the variant with the least summed relative excess over the goals.
 
 Fidelity: cosine of pooled sentence embeddings vs the FP32 export on every shipped intent sentence
 (edgecli/data/intents), padded per batch as infer does. Accuracy: the intent classifier of
@@ -80,6 +85,20 @@ def int4(src: Path, dst: Path) -> Path:
 
     quantize_int4_file(src, dst, block_size=32, symmetric=True, accuracy_level=4)
     return dst
+
+
+def cosine_aware(artifacts: str) -> Path:
+    """edgecli's own accuracy-aware compress of the embedding pipeline (reused when up to date)."""
+    from edgecli.artifacts import ArtifactStore
+    from edgecli.config import load_config
+    from edgecli.stages import compress as compress_stage
+    from edgecli.stages import train as train_stage
+
+    cfg = load_config(REPO / "configs/minilm-embed.yaml", [f"artifacts_dir={artifacts}"])
+    store = ArtifactStore.for_config(cfg)
+    train_stage.run(cfg, store, quiet=True)
+    compress_stage.run(cfg, store, quiet=True)
+    return Path(artifacts) / cfg.name / "compress" / "model.onnx"
 
 
 def recipes(tmp: Path, src: Path, tag: str) -> dict[str, Path]:
@@ -168,6 +187,8 @@ def main() -> int:
                           dynamic_axes=io["dynamic_axes"])
         print("building variants ...", file=sys.stderr)
         emb_variants = recipes(tmp, src, "embed")
+        print("edgecli compress -c configs/minilm-embed.yaml (accuracy-aware, a few minutes) ...", file=sys.stderr)
+        emb_variants["edgecli cosine-aware"] = cosine_aware(args.artifacts)
         clf_variants = recipes(tmp, clf_onnx, "clf")
 
         # one real input of exactly seq tokens: every shipped sentence joined, truncated at seq
@@ -190,11 +211,13 @@ def main() -> int:
         rows.append(["pytorch eager", eager, 1.0, None, None, None, None, acc0, None])
         for k, s in sessions.items():
             cos = cosine_similarity(ref, batched(s, sentences, spec))
-            acc = float((batched(make_session(clf_variants[k], threads=1), splits.test.raw, spec).argmax(-1)
-                         == splits.test.y).mean())
+            acc = None  # the cosine-aware row is an embedding model: it has no intent head
+            if k in clf_variants:
+                acc = float((batched(make_session(clf_variants[k], threads=1), splits.test.raw, spec).argmax(-1)
+                             == splits.test.y).mean())
             b = model_bytes(emb_variants[k])
             rows.append([k, p50[k], p50[k] / eager, b / 1e6, b / size0, float(cos.min()), float(cos.mean()), acc,
-                         acc0 - acc])
+                         None if acc is None else acc0 - acc])
 
     print(f"\nall-MiniLM-L6-v2, batch 1, sequence {args.seq}, 1 thread; cosine over {len(sentences)} shipped "
           f"sentences vs the FP32 export; intent accuracy on {len(splits.test)} held-out test sentences")
@@ -206,16 +229,44 @@ def main() -> int:
         print("| " + " | ".join(fmt(v) for v in r) + " |")
     ship = next(r for r in rows if r[0] == "fused int8 per-channel")
     peer = next(r for r in rows if r[0] == "quantize_dynamic defaults")
-    checks = [("p50 vs eager", ship[2], GOALS["p50_vs_eager"], "<="), ("size vs fp32", ship[4], GOALS["size_vs_fp32"], "<="),
-              ("min cosine", ship[5], GOALS["cosine_min"], ">="), ("accuracy drop", ship[8], GOALS["accuracy_drop"], "<=")]
+    # (name, column, goal, op); an accuracy of None (embedding-only row) counts as not measured
+    goals = [("p50 vs eager", 2, GOALS["p50_vs_eager"], "<="), ("size vs fp32", 4, GOALS["size_vs_fp32"], "<="),
+             ("min cosine", 5, GOALS["cosine_min"], ">="), ("accuracy drop", 8, GOALS["accuracy_drop"], "<=")]
+
+    def meets(r, col, goal, op):
+        v = r[col]
+        return v is not None and (v <= goal + 1e-9 if op == "<=" else v >= goal - 1e-9)
+
     print("\nshipped recipe (fused int8 per-channel) against the issue-7 goals, peer = quantize_dynamic defaults:")
-    met = True
-    for name, v, goal, op in checks:
-        ok = v <= goal + 1e-9 if op == "<=" else v >= goal - 1e-9
-        met &= ok
-        pv = {"p50 vs eager": peer[2], "size vs fp32": peer[4], "min cosine": peer[5], "accuracy drop": peer[8]}[name]
-        print(f"  {name:14} {v:.4f} (goal {op} {goal}; peer {pv:.4f})  {'met' if ok else 'NOT met'}")
-    return 0 if met else 1
+    for name, col, goal, op in goals:
+        print(f"  {name:14} {ship[col]:.4f} (goal {op} {goal}; peer {peer[col]:.4f})  "
+              f"{'met' if meets(ship, col, goal, op) else 'NOT met'}")
+    def shortfall(r) -> float:
+        """How far a variant is from the goals, summed as relative excess: value/goal - 1 for the
+        at-most goals, (1 - cos)/(1 - goal) - 1 for cosine; 0 means every goal met. An unmeasured
+        accuracy counts as met here and is said so."""
+        total = 0.0
+        for _, col, goal, op in goals:
+            v = r[col]
+            if v is not None:
+                total += max(0.0, (v / goal if op == "<=" else (1 - v) / (1 - goal)) - 1)
+        return total
+
+    print("\ngoals met by each compressed variant (shortfall: summed relative excess over the goals):")
+    scored = []
+    for r in rows[2:]:
+        got = [name for name, col, goal, op in goals if meets(r, col, goal, op)]
+        unmeasured = [name for name, col, *_ in goals if r[col] is None]
+        missed = [name for name, *_ in goals if name not in got and name not in unmeasured]
+        scored.append((shortfall(r), r[1], r[0]))
+        print(f"  {r[0]:26} {len(got)}/4  shortfall {shortfall(r):.3f}"
+              + (f"  misses: {', '.join(missed)}" if missed else "")
+              + (f"  not measured: {', '.join(unmeasured)}" if unmeasured else "") + ("  all met" if len(got) == 4 else ""))
+    together = [r[0] for r in rows[2:] if all(meets(r, c, g, o) for _, c, g, o in goals)]
+    best = min(scored)[2]
+    print(f"\nall four together: {', '.join(together) if together else 'no variant on this machine'}; "
+          f"best trade-off found (least shortfall): {best}")
+    return 0 if all(meets(ship, c, g, o) for _, c, g, o in goals) else 1
 
 
 if __name__ == "__main__":
