@@ -78,6 +78,12 @@ def test_forced_accuracy_drop_excludes_nodes_or_keeps_fp32(trained_cnn, copy_pip
     first = step["candidates"][1]
     assert "max_accuracy_drop" in first["failed_constraints"] and first["accuracy_drop"] > 0
     assert step["sensitivity"], "a sensitivity pass ranks the quantized nodes"
+    # objective size: the nodes that help are ranked by score brought back per byte kept in float
+    helping = [s for s in step["sensitivity"] if s["gain"] > 0]
+    assert any(s["extra_bytes"] > 0 for s in step["sensitivity"])  # a conv's weights kept in float cost bytes
+    per_byte = [s["gain"] / max(s["extra_bytes"], 1024) for s in helping]
+    assert per_byte == sorted(per_byte, reverse=True)
+    assert step["sensitivity"][: len(helping)] == helping
     if step["chosen"]:
         chosen = next(c for c in step["candidates"] if c["chosen"])
         assert chosen["excluded_nodes"] and chosen["accuracy_drop"] <= 0.0
