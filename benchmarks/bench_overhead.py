@@ -76,6 +76,7 @@ def tiny_pipeline(workdir: Path) -> Path:
 def edgecli_p50(config: Path, model: str, threads: int, batch: int, warmup: int, runs: int) -> tuple[float, str]:
     sets = [f"bench.models=[{model}]", "bench.torch_baseline=false", f"bench.batch_sizes=[{batch}]",
             f"bench.threads=[{threads}]", f"bench.warmup={warmup}", f"bench.runs={runs}", "bench.min_time_s=null",
+            "bench.repeats=1",  # one fresh process, as the bare loop: this compares overhead, not averaging
             "bench.providers=[CPUExecutionProvider]", "bench.budgets={}"]
     cmd = [sys.executable, "-m", "edgecli", "bench", "-c", str(config), "--json", "-q"]
     for s in sets:

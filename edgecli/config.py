@@ -219,6 +219,8 @@ class BenchConfig(_Strict):
     warmup: int = Field(50, ge=0)
     runs: int = Field(500, ge=1)
     min_time_s: float | None = Field(None, gt=0, description="keep timing until this many seconds have passed too")
+    repeats: int = Field(3, ge=1, le=20, description="fresh worker processes per measurement, run in interleaved "
+                         "order, their timed runs pooled: one process's p50 can sit 30-50% off another's here")
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     accuracy_samples: int | None = Field(None, ge=1)
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)

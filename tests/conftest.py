@@ -24,7 +24,7 @@ def tiny_config(name: str = "tiny", artifacts: str | Path = "artifacts", **secti
         "data": {"dataset": "digits", "val_split": 0.2, "test_split": 0.2},
         "model": {"arch": "cnn", "args": {"channels": [16, 32, 32]}},
         "train": {"epochs": 6, "batch_size": 64, "lr": 0.004},
-        "bench": {"warmup": 5, "runs": 30, "batch_sizes": [1], "threads": [1]},
+        "bench": {"warmup": 5, "runs": 30, "batch_sizes": [1], "threads": [1], "repeats": 1},
     }
     for k, v in sections.items():
         cfg[k] = v

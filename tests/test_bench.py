@@ -25,14 +25,14 @@ def _with_bench(p: Pipeline, **bench) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def benched(trained_cnn, tmp_path_factory):
-    """train + a copy of its model.onnx given by path, benched once with easy budgets (about 5 s)."""
+    """train + a copy of its model.onnx given by path, benched with easy budgets, 2 processes each (about 10 s)."""
     d = tmp_path_factory.mktemp("benched")
     shutil.copytree(trained_cnn.dir, d / "pipe")
     other = d / "elsewhere" / "model.onnx"
     other.parent.mkdir()
     shutil.copy(trained_cnn.run_dir / "train" / "model.onnx", other)
     cfg = dict(trained_cnn.cfg, artifacts_dir=str(d / "pipe" / "artifacts"))
-    cfg["bench"] = {**cfg["bench"], "models": ["train", str(other)], "batch_sizes": [1, 4],
+    cfg["bench"] = {**cfg["bench"], "models": ["train", str(other)], "batch_sizes": [1, 4], "repeats": 2,
                     "budgets": {**EASY, "model": "train"}}
     p = Pipeline(d / "pipe", write_config(d / "pipe" / "config.yaml", cfg), cfg)
     summary = d / "summary.md"
@@ -107,7 +107,10 @@ def test_raw_latencies_accuracy_and_clean_workers(benched, trained_cnn):
     train_acc = trained_cnn.manifest("train")["metrics"]["test_accuracy"]
     for row in res["rows"]:
         lat = np.asarray(row["latencies_ns"], dtype=np.float64) / 1e6
-        assert len(lat) == 30  # runs: 30, no min_time_s
+        assert len(lat) == 2 * 30  # runs: 30, no min_time_s, in each of 2 fresh processes, pooled
+        per = row["p50_per_process_ms"]
+        assert len(per) == 2
+        assert per[0] == pytest.approx(np.percentile(lat[:30], 50)) and per[1] == pytest.approx(np.percentile(lat[30:], 50))
         assert row["p50_ms"] == pytest.approx(np.percentile(lat, 50))
         assert row["p95_ms"] == pytest.approx(np.percentile(lat, 95))
         assert row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p95_ms"] <= row["p99_ms"] <= row["max_ms"]
@@ -117,6 +120,7 @@ def test_raw_latencies_accuracy_and_clean_workers(benched, trained_cnn):
         base = next(b for b in res["rows"] if b["model"] == "pytorch" and b["batch"] == row["batch"])
         assert row["speedup_vs_pytorch"] == pytest.approx(base["p50_ms"] / row["p50_ms"])
     ms = {m["model"]: m for m in res["measurements"]}
+    assert all(m["processes"] == 2 for m in ms.values())
     assert ms["pytorch"]["torch_imported"] is True
     for name in ("train", "model"):
         m = ms[name]
