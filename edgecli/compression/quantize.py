@@ -174,25 +174,33 @@ class Scorer:
         return res
 
 
-def time_p50(paths: list[Path], feed1: dict[str, np.ndarray], threads: int, *, rounds: int = 7,
-             round_s: float = 0.08, min_runs: int = 10) -> list[float]:
+def time_p50(paths: list[Path], feed1: dict[str, np.ndarray], threads: int, *, rounds: int = 9,
+             round_s: float = 0.08, min_runs: int = 10, sessions: int = 3) -> list[float]:
     """p50 latency in ms of each model at batch 1, measured interleaved (round-robin) so that
-    load from other processes hits every model alike; ratios between them are what counts."""
+    load from other processes hits every model alike; ratios between them are what counts.
+
+    Each model gets ``sessions`` sessions, used in turn round by round: one session's p50 of a
+    model can sit 10-20% off another session's of the same file here (where its buffers landed),
+    enough to pick a slower candidate; rotating several averages that out.
+    """
     from edgecli.runtime import make_session
 
-    sessions = [make_session(p, threads=threads) for p in paths]
+    pools = [[make_session(p, threads=threads) for _ in range(sessions)] for p in paths]
     runs = []
-    for s in sessions:  # warm-up, and an estimate of how many runs fill one round
-        for _ in range(5):
-            s.run(None, feed1)
+    for pool in pools:  # warm-up, and an estimate of how many runs fill one round
+        for s in pool:
+            for _ in range(5):
+                s.run(None, feed1)
+        s = pool[0]
         t0 = time.perf_counter()
         for _ in range(5):
             s.run(None, feed1)
         per = (time.perf_counter() - t0) / 5
         runs.append(max(min_runs, min(2000, int(round_s / max(per, 1e-6)))))
-    samples: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
-        for i, s in enumerate(sessions):
+    samples: list[list[float]] = [[] for _ in pools]
+    for r in range(rounds):
+        for i, pool in enumerate(pools):
+            s = pool[r % len(pool)]
             for _ in range(runs[i]):
                 t0 = time.perf_counter()
                 s.run(None, feed1)
