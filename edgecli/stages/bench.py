@@ -257,17 +257,10 @@ def short_provider(p: str) -> str:
 def _merge_repeats(runs: list[dict]) -> dict:
     """One worker result from ``bench.repeats`` fresh-process results of the same measurement.
 
-    Timed runs are pooled (results.json keeps every one, and each process's p50); cold-start and
+    Timed runs are pooled (results.json keeps every one, and each process's p50 and p95); cold-start and
     import times are the median process's; peak memory is the largest (budgets stay conservative);
     accuracy comes from the first process, the only one that scores (the model is deterministic).
     """
-    if len(runs) == 1:
-        res = dict(runs[0])
-        for b in res["batches"]:
-            if "latencies_ns" in b:
-                b["p50_per_process_ms"] = [float(np.percentile(b["latencies_ns"], 50)) / 1e6]
-                b["p95_per_process_ms"] = [float(np.percentile(b["latencies_ns"], 95)) / 1e6]
-        return res
     first = runs[0]
     res = dict(first)
     for k in ("import_ms", "load_ms", "first_ms"):
