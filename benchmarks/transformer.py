@@ -246,6 +246,7 @@ def main() -> int:
     for name, col, goal, op in goals:
         print(f"  {name:14} {ship[col]:.4f} (goal {op} {goal}; peer {peer[col]:.4f})  "
               f"{'met' if meets(ship, col, goal, op) else 'NOT met'}")
+
     def shortfall(r) -> float:
         """How far a variant is from the goals, summed as relative excess: value/goal - 1 for the
         at-most goals, (1 - cos)/(1 - goal) - 1 for cosine; 0 means every goal met. An unmeasured
@@ -258,16 +259,18 @@ def main() -> int:
         return total
 
     print("\ngoals met by each compressed variant (shortfall: summed relative excess over the goals):")
-    scored = []
-    for r in rows[2:]:
+    scored, together = [], []
+    for r in rows[2:]:  # every compressed variant (not eager, not the plain FP32 export)
         got = [name for name, col, goal, op in goals if meets(r, col, goal, op)]
         unmeasured = [name for name, col, *_ in goals if r[col] is None]
         missed = [name for name, *_ in goals if name not in got and name not in unmeasured]
-        scored.append((shortfall(r), r[1], r[0]))
-        print(f"  {r[0]:28} {len(got)}/4  shortfall {shortfall(r):.3f}"
+        short = shortfall(r)
+        scored.append((short, r[1], r[0]))
+        if len(got) == len(goals):
+            together.append(r[0])
+        print(f"  {r[0]:28} {len(got)}/4  shortfall {short:.3f}"
               + (f"  misses: {', '.join(missed)}" if missed else "")
-              + (f"  not measured: {', '.join(unmeasured)}" if unmeasured else "") + ("  all met" if len(got) == 4 else ""))
-    together = [r[0] for r in rows[2:] if all(meets(r, c, g, o) for _, c, g, o in goals)]
+              + (f"  not measured: {', '.join(unmeasured)}" if unmeasured else "") + ("  all met" if not missed and not unmeasured else ""))
     best = min(scored)[2]
     print(f"\nall four together: {', '.join(together) if together else 'no variant on this machine'}; "
           f"best trade-off found (least shortfall): {best}")

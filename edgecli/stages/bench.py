@@ -321,7 +321,7 @@ def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], qu
                 results[j].append(run_worker(spec if rep == 0 else {**spec, "y": None}, tmp, t.label))
         if bc.repeats > 1:
             notes.append(f"latencies pooled over {bc.repeats} fresh processes per model, run in interleaved order "
-                         "(results.json keeps each process's p50)")
+                         "(results.json keeps each process's p50 and p95)")
         for (t, prov, threads, _), runs in zip(jobs, results, strict=True):
             res = _merge_repeats(runs)
             if t.kind == "onnx" and prov not in res["providers_used"]:
