@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,90 @@ from edgecli.errors import ArtifactError, EdgeError, LockError, UsageError
 
 STAGES = ("train", "compress", "export", "bench", "infer")
 MANIFEST = "manifest.json"
+# written by ``begin`` into every temporary stage directory: recovery removes only directories that
+# carry it (or a valid manifest), never a user's folder that happens to match a name
+MARKER = ".edgecli-stage"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_MANIFEST_LIMIT = 64 << 20
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def refuse_link(path: Path, what: str = "") -> None:
+    """An ArtifactError when ``path`` is a symbolic link where edgecli keeps its own file or folder."""
+    if _is_link(path):
+        from edgecli.safeio import shown
+
+        raise ArtifactError(f"{shown(path)} is a symbolic link where edgecli keeps {what or 'its own file'}; "
+                            "refused (nothing is written through links); remove the link")
+
+
+def own_dir(path: Path, what: str) -> Path:
+    """``path`` as a real directory edgecli may write in: created if missing, never a link."""
+    refuse_link(path, what)
+    try:
+        path.mkdir(exist_ok=True)
+    except FileExistsError:
+        raise ArtifactError(f"{path} is not a directory; edgecli keeps {what} there") from None
+    refuse_link(path, what)
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not a directory; edgecli keeps {what} there")
+    return path
+
+
+def open_own(path: Path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode: int = 0o644) -> int:
+    """Open a file edgecli creates in a run directory without following a link planted there."""
+    try:
+        return os.open(path, flags | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP or _is_link(path):
+            refuse_link(path)
+        raise
+
+
+def parse_manifest(text: str, where: str) -> dict:
+    """A manifest's JSON, checked for the shape every reader relies on (an object with ``outputs``)."""
+    try:
+        m = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise ArtifactError(f"{where} is corrupt (not JSON)") from None
+    if not isinstance(m, dict):
+        raise ArtifactError(f"{where} is not an edgecli manifest (a JSON {type(m).__name__}, not an object)")
+    outs = m.get("outputs")
+    if not isinstance(outs, dict):
+        what = "has no 'outputs'" if outs is None else "has 'outputs' that is not an object"
+        raise ArtifactError(f"{where} {what}: nothing it lists could be verified")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in outs.items()):
+        raise ArtifactError(f"{where}: 'outputs' must map file names to sha256 strings")
+    for k in outs:
+        if k != os.path.basename(k) or k in ("", ".", ".."):
+            raise ArtifactError(f"{where}: output {k!r} is not a file name in the stage directory")
+    return m
+
+
+def is_edgecli_dir(path: Path, stage: str | None = None) -> bool:
+    """True for a real directory edgecli made: it holds ``begin``'s marker or a valid manifest."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    if (path / MARKER).is_file() and not _is_link(path / MARKER):
+        return True
+    mp = path / MANIFEST
+    if _is_link(mp) or not mp.is_file():
+        return False
+    try:
+        with open(mp, "rb") as f:
+            m = parse_manifest(f.read(_MANIFEST_LIMIT).decode("utf-8"), str(mp))
+    except (OSError, UnicodeDecodeError, ArtifactError):
+        return False
+    return stage is None or m.get("stage") in (None, stage)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -45,7 +130,10 @@ def sha256_json(obj: Any) -> str:
 def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    refuse_link(tmp)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover of this pid; a link planted there is refused above
+    with os.fdopen(open_own(tmp), "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
         f.write("\n")
         f.flush()
@@ -108,7 +196,7 @@ class ArtifactStore:
     """Run directory of one pipeline: ``<artifacts_dir>/<name>``."""
 
     def __init__(self, artifacts_dir: str | Path, name: str):
-        self.root = Path(artifacts_dir)
+        self.root = Path(artifacts_dir).expanduser()  # `artifacts_dir: ~/x` means the home directory
         self.name = name
         self.run_dir = self.root / name
         self._lock_fd: int | None = None
@@ -122,7 +210,11 @@ class ArtifactStore:
         return self.run_dir / stage
 
     def checkpoint_dir(self, stage: str) -> Path:
-        return self.run_dir / ".checkpoints" / stage
+        """``<run>/.checkpoints/<stage>``; a link at either level is an ArtifactError (never written through)."""
+        top = self.run_dir / ".checkpoints"
+        refuse_link(top, "checkpoints")
+        refuse_link(top / stage, "checkpoints")
+        return top / stage
 
     def exists(self, stage: str) -> bool:
         return (self.stage_dir(stage) / MANIFEST).is_file()
@@ -135,9 +227,15 @@ class ArtifactStore:
                 hint=f"run `edgecli {stage} -c <config>` first",
             )
         try:
-            return json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            with open(mpath, "rb") as f:
+                text = f.read(_MANIFEST_LIMIT + 1)
+            if len(text) > _MANIFEST_LIMIT:
+                raise ArtifactError(f"{mpath} is over {_MANIFEST_LIMIT >> 20} MiB; not an edgecli manifest")
+            return parse_manifest(text.decode("utf-8"), str(mpath))
+        except UnicodeDecodeError:
             raise ArtifactError(f"{mpath} is corrupt; rerun `edgecli {stage} -c <config> --force`") from None
+        except ArtifactError as e:
+            raise ArtifactError(f"{e.message}; rerun `edgecli {stage} -c <config> --force`") from None
 
     def require(self, stage: str, filename: str) -> Path:
         """Path of a file of a published stage, verified against the stage's manifest."""
@@ -145,8 +243,10 @@ class ArtifactStore:
         p = self.stage_dir(stage) / filename
         if not p.is_file():
             raise ArtifactError(f"{p} is missing; rerun `edgecli {stage} -c <config> --force`")
-        want = m.get("outputs", {}).get(filename)
-        if want and sha256_file(p) != want:
+        want = m["outputs"].get(filename)
+        if want is None:
+            raise ArtifactError(f"{p} is not listed in its stage's manifest; rerun `edgecli {stage} -c <config> --force`")
+        if sha256_file(p) != want:
             raise ArtifactError(f"{p} does not match its manifest (modified after publish?); rerun `edgecli {stage} -c <config> --force`")
         return p
 
@@ -155,7 +255,9 @@ class ArtifactStore:
             m = self.manifest(stage)
         except ArtifactError:
             return False
-        for fname, digest in m.get("outputs", {}).items():
+        if not m["outputs"]:
+            return False
+        for fname, digest in m["outputs"].items():
             p = self.stage_dir(stage) / fname
             if not p.is_file() or sha256_file(p) != digest:
                 return False
@@ -185,14 +287,18 @@ class ArtifactStore:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create {self.run_dir}: {e.strerror}") from None
+        refuse_link(self.run_dir / ".checkpoints", "checkpoints")
         path = self.run_dir / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_own(path, os.O_RDWR | os.O_CREAT)  # a link planted as .lock is refused, never truncated
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ArtifactError(f"{path} is not a regular file; edgecli keeps its run lock there")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = ""
             with contextlib.suppress(Exception):
-                info = json.loads(Path(path).read_text() or "{}")
+                info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
                 holder = f" by pid {info.get('pid')} on {info.get('host')} ({info.get('command')}, since {info.get('started')})"
             os.close(fd)
             raise LockError(
@@ -201,7 +307,7 @@ class ArtifactStore:
             ) from None
         stale = ""
         with contextlib.suppress(Exception):
-            old = json.loads(Path(path).read_text() or "{}")
+            old = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
             if old.get("pid") and old.get("active"):
                 stale = f"reclaimed a stale lock left by pid {old['pid']} ({old.get('command')})"
         info = {
@@ -227,30 +333,62 @@ class ArtifactStore:
             self._lock_fd = None
 
     def _recover(self) -> None:
-        """Clean what a killed run left: temporary stage dirs; restore a stage caught mid-swap."""
+        """Clean what a killed run left: temporary stage dirs; restore a stage caught mid-swap.
+
+        Only what edgecli made is touched: directories carrying ``begin``'s marker or a valid
+        manifest, and checkpoint temporaries inside real (not linked) checkpoint directories.
+        """
         if not self.run_dir.is_dir():
             return
         # a checkpoint half-saved by a killed run (the last complete one stays beside it)
-        for p in (self.run_dir / ".checkpoints").glob("*/.*.tmp-*"):
-            p.unlink(missing_ok=True)
+        top = self.run_dir / ".checkpoints"
+        if top.is_dir() and not _is_link(top):
+            for sub in top.iterdir():
+                if _is_link(sub) or not sub.is_dir():
+                    continue
+                for p in sub.glob(".*.tmp-*"):
+                    if _is_link(p) or p.is_file():
+                        p.unlink(missing_ok=True)  # a link is removed itself, never its target
         for p in self.run_dir.iterdir():
-            if p.name.startswith(".") and ".tmp-" in p.name:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            elif p.name.startswith(".") and ".old-" in p.name:
-                stage = p.name[1:].split(".old-")[0]
-                if not self.stage_dir(stage).exists():
-                    os.replace(p, self.stage_dir(stage))
-                else:
+            if not p.name.startswith("."):
+                continue
+            if ".tmp-" in p.name:
+                stage = p.name[1:].split(".tmp-")[0]
+                if stage in STAGES and is_edgecli_dir(p):
                     shutil.rmtree(p, ignore_errors=True)
+            elif ".old-" in p.name:
+                stage = p.name[1:].split(".old-")[0]
+                if stage not in STAGES or not is_edgecli_dir(p, stage):
+                    continue
+                final = self.stage_dir(stage)
+                if not final.exists() and not _is_link(final):
+                    os.replace(p, final)
+                elif is_edgecli_dir(final, stage):
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def _check_replaceable(self, stage: str) -> None:
+        """Refuse (one line) to replace ``<run>/<stage>`` unless edgecli made it."""
+        final = self.stage_dir(stage)
+        refuse_link(final, f"the {stage} stage")
+        if final.exists() and not is_edgecli_dir(final, stage):
+            from edgecli.safeio import shown
+
+            raise ArtifactError(f"{shown(final)} exists and was not made by edgecli (no edgecli manifest); refused to "
+                                "replace it", hint="move it away, or choose another `name` / `artifacts_dir`")
 
     # ------------------------------------------------------------------ writing
     def begin(self, stage: str) -> StageWriter:
         if self._lock_fd is None:
             raise RuntimeError("ArtifactStore.begin() needs the run lock")
+        self._check_replaceable(stage)  # before any work, not after minutes of training
         tmp = self.run_dir / f".{stage}.tmp-{os.getpid()}"
+        refuse_link(tmp, "a temporary stage directory")
         if tmp.exists():
+            if not is_edgecli_dir(tmp):
+                raise ArtifactError(f"{tmp} exists and was not made by edgecli; refused to remove it")
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp.mkdir()
+        os.close(open_own(tmp / MARKER))
         return StageWriter(self, stage, tmp)
 
     def publish(self, w: StageWriter, *, config: dict, fingerprint: str, metrics: dict | None = None,
@@ -259,7 +397,7 @@ class ArtifactStore:
         outputs = {
             p.name: sha256_file(p)
             for p in sorted(w.dir.iterdir())
-            if p.is_file() and p.name != MANIFEST
+            if p.is_file() and p.name not in (MANIFEST, MARKER)
         }
         manifest = {
             "stage": w.stage,
@@ -276,9 +414,17 @@ class ArtifactStore:
             **(extra or {}),
         }
         write_json_atomic(w.dir / MANIFEST, manifest)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(w.dir / MARKER)  # the manifest marks it from now on
         _fsync_dir(w.dir)
         final = self.stage_dir(w.stage)
+        self._check_replaceable(w.stage)
         old = self.run_dir / f".{w.stage}.old-{os.getpid()}"
+        refuse_link(old, "a replaced stage")
+        if old.exists():
+            if not is_edgecli_dir(old):
+                raise ArtifactError(f"{old} exists and was not made by edgecli; refused to replace it")
+            shutil.rmtree(old)
         try:
             if final.exists():
                 os.replace(final, old)
@@ -294,7 +440,8 @@ class ArtifactStore:
         return final
 
     def discard(self, w: StageWriter) -> None:
-        shutil.rmtree(w.dir, ignore_errors=True)
+        if is_edgecli_dir(w.dir):
+            shutil.rmtree(w.dir, ignore_errors=True)
 
     def up_to_date(self, stage: str, fingerprint: str) -> bool:
         """True when the published stage has this fingerprint and all its files verify."""

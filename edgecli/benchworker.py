@@ -347,8 +347,31 @@ def _metrics(logits: np.ndarray, y: np.ndarray, num_classes: int | None) -> dict
     return classification_metrics(np.asarray(y), pred, k)
 
 
+def die_with_parent() -> None:
+    """Make the kernel SIGKILL this worker when the edgecli process that started it dies (Linux).
+
+    A parent killed with SIGKILL runs no cleanup: without this its worker would go on measuring,
+    orphaned, for as long as ``min_time_s`` says. The parent pid is checked after the prctl call, so a
+    parent that died before it does not leave the worker running either.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    want = os.environ.get("EDGECLI_PARENT_PID")
+    if want and want.isdigit() and os.getppid() != int(want):
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
     """Run one measurement; the result (or the error) goes to OUT.json, exit status 0 either way."""
+    die_with_parent()
     spec_path, out_path = Path(argv[0]), Path(argv[1])
     spec = json.loads(spec_path.read_text())
     try:

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from edgecli import __version__
-from edgecli.errors import EXIT_INTERRUPTED, EdgeError, NotImplementedStage, debug_enabled, report
+from edgecli.errors import EXIT_INTERRUPTED, NotImplementedStage, debug_enabled, report, report_unexpected
 
 app = typer.Typer(
     name="edgecli",
@@ -154,7 +154,7 @@ def _invoke(stage: str, config: Path, sets: list[str] | None, *, force=False, js
             traceback.print_exc()
         code = report(e)
         if code < 0:
-            raise
+            code = report_unexpected(e)
     finally:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if _term_pending:
@@ -263,8 +263,13 @@ def validate(
         for line in describe(cfg):
             print(line)
         print(f"{config}: ok")
-    except EdgeError as e:
-        raise typer.Exit(report(e)) from None
+    except (Exception, KeyboardInterrupt) as e:  # the same total funnel as the stage commands
+        if debug_enabled() and not isinstance(e, KeyboardInterrupt):
+            import traceback
+
+            traceback.print_exc()
+        code = report(e)
+        raise typer.Exit(code if code >= 0 else report_unexpected(e)) from None
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ class _Strict(BaseModel):
 class PreprocessConfig(_Strict):
     """One preprocessing spec shared by train, calibration and infer."""
 
-    resize: tuple[int, int] | None = Field(None, description="[height, width] for image data")
+    resize: tuple[Annotated[int, Field(ge=1, le=8192)], Annotated[int, Field(ge=1, le=8192)]] | None = Field(
+        None, description="[height, width] for image data")
     channels: Literal[1, 3] | None = Field(None, description="convert images to 1 or 3 channels")
     normalize: Literal["per_dataset", "none", "imagenet"] = "per_dataset"
 
@@ -175,7 +176,7 @@ class CompressConfig(_Strict):
     steps: list[StepConfig] = Field(default_factory=list)
     max_accuracy_drop: float | None = Field(None, ge=0, le=1)
     objective: Literal["latency", "size"] = "latency"
-    threads: int = Field(1, ge=1)
+    threads: int = Field(1, ge=1, le=1024)
     eval_samples: int | None = Field(None, ge=1, description="validation samples used to score candidates")
     transformer_optimize: bool = Field(
         False, description="fuse attention/LayerNorm/GELU (ONNX Runtime's BERT optimizer) before quantizing")
@@ -215,7 +216,7 @@ class BenchConfig(_Strict):
     models: list[str] = Field(default_factory=list, description="stage names or .onnx paths; default: all present")
     torch_baseline: bool = True
     batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1])
-    threads: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1])
+    threads: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default_factory=lambda: [1])
     warmup: int = Field(50, ge=0)
     runs: int = Field(500, ge=1)
     min_time_s: float | None = Field(None, gt=0, description="keep timing until this many seconds have passed too")
@@ -229,15 +230,15 @@ class BenchConfig(_Strict):
 class InferConfig(_Strict):
     input: str = Field("export", description="stage name or .onnx path")
     top_k: int = Field(3, ge=1)
-    batch_size: int = Field(64, ge=1)
-    threads: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1, le=1 << 20)
+    threads: int = Field(1, ge=1, le=1024)
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
 
 
 class PipelineConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     artifacts_dir: str = "artifacts"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="numpy takes seeds in [0, 2^32)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -270,6 +271,10 @@ class _LineLoader(yaml.SafeLoader):
 
 
 _MAX_NODES = 100_000  # a real pipeline config has a few hundred values
+# Aliases repeat a node without repeating its text: bound what the document expands to, counted in
+# characters of scalars (a 100 KB string aliased 10,000 times is 1 GB once validated or dumped).
+_MAX_EXPANDED_CHARS = 16 << 20
+_MAX_KEY_DEPTH = 32  # --set a.b.c...: the schema is 5 levels deep
 
 
 def _compose_lines(text: str, source: str) -> dict[str, int]:
@@ -280,12 +285,17 @@ def _compose_lines(text: str, source: str) -> dict[str, int]:
     # Aliases share nodes: a self-referencing alias would recurse forever and nested aliases
     # ("billion laughs") expand exponentially in validation and dumps; bound both.
     on_path: set[int] = set()
-    budget = [_MAX_NODES]
+    budget = [_MAX_NODES, _MAX_EXPANDED_CHARS]
 
     def walk(node: yaml.Node, prefix: str) -> None:
         budget[0] -= 1
         if budget[0] < 0:
             raise ConfigError(f"{source}: more than {_MAX_NODES} values after expanding YAML aliases; refused")
+        if isinstance(node, yaml.ScalarNode):
+            budget[1] -= len(node.value) + 1
+            if budget[1] < 0:
+                raise ConfigError(f"{source}: expands to more than {_MAX_EXPANDED_CHARS >> 20} MB of values "
+                                  "through YAML aliases; refused")
         if id(node) in on_path:
             line = node.start_mark.line + 1
             raise ConfigError(f"{source}:{line} {prefix or '<top>'}: YAML alias refers to itself; refused")
@@ -322,17 +332,19 @@ def _compose_lines(text: str, source: str) -> dict[str, int]:
 
 
 def _load_yaml(path: Path) -> tuple[dict, dict[str, int]]:
-    source = str(path)
+    from edgecli.safeio import CONFIG_LIMIT, read_user_bytes, shown
+
+    source = shown(path)
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"{source}: config file not found")
+    # the guarded reader: a FIFO or /dev/zero as -c is refused at once, a huge file by its size
+    data_bytes = read_user_bytes(path, "a YAML config", CONFIG_LIMIT, ConfigError)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{source}: is a directory, expected a YAML file") from None
+        text = data_bytes.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(f"{source}: not a text file (UTF-8 YAML expected)") from None
-    except OSError as e:
-        raise ConfigError(f"{source}: cannot read ({e.strerror})") from None
+    if "\0" in text:
+        raise ConfigError(f"{source}: not a text file (holds NUL bytes; UTF-8 YAML expected)")
     try:
         lines = _compose_lines(text, source)
         data = yaml.load(text, Loader=_LineLoader)  # SafeLoader: no python tags
@@ -347,6 +359,8 @@ def _load_yaml(path: Path) -> tuple[dict, dict[str, int]]:
         raise ConfigError(f"{source}: invalid YAML ({e})") from None
     except RecursionError:  # PyYAML parses recursively: a hostile file nests thousands deep
         raise ConfigError(f"{source}: values nested too deeply; refused") from None
+    except (ValueError, TypeError, OverflowError, MemoryError) as e:  # PyYAML's own constructors (dates, ints)
+        raise ConfigError(f"{source}: invalid YAML value ({type(e).__name__}: {str(e)[:120]})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -364,14 +378,20 @@ def _apply_override(raw: dict, item: str) -> str:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: empty key path")
+    if key.count(".") >= _MAX_KEY_DEPTH:
+        raise ConfigError(f"--set {key[:60]}...: key path deeper than {_MAX_KEY_DEPTH} levels; no config key is")
     try:
         if text.strip():
             _compose_lines(text, f"--set {key}")  # the same alias and nesting bounds as the file
         value = yaml.safe_load(text) if text.strip() else None
+    except ConfigError:
+        raise
     except yaml.YAMLError:
         value = text  # not YAML: the raw string, validated by the schema like any other value
     except RecursionError:
         raise ConfigError(f"--set {key}: value nested too deeply; refused") from None
+    except (ValueError, TypeError, OverflowError) as e:  # PyYAML constructors (a date like 2026-13-45)
+        raise ConfigError(f"--set {key}: cannot parse the value ({type(e).__name__}: {str(e)[:100]})") from None
     parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
@@ -503,12 +523,19 @@ def _render(e: ValidationError, source: str, lines: dict[str, int], overridden: 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
     """Load, override and validate a pipeline config. Raises ConfigError with every problem."""
     path = Path(path)
-    raw, lines = _load_yaml(path)
-    overridden = {_apply_override(raw, item) for item in overrides}
     try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_render(e, str(path), lines, overridden)) from None
+        raw, lines = _load_yaml(path)
+        overridden = {_apply_override(raw, item) for item in overrides}
+        try:
+            cfg = PipelineConfig.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(_render(e, str(path), lines, overridden)) from None
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply; refused") from None
+    except Exception as e:  # noqa: BLE001 - the funnel is total: anything else about this input is still one line
+        raise ConfigError(f"{path}: cannot be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})") from None
     cfg._source = str(path)
     cfg._base_dir = path.parent
     return cfg

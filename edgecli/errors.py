@@ -4,6 +4,7 @@ Exit codes (documented in README.md):
     0  success
     1  a check failed: ONNX parity, a bench budget, a regression, an input that could not be answered
     2  bad usage: config, command-line, data or model file the user must fix
+    (an unexpected internal error is also one line, exit 1; EDGECLI_DEBUG=1 shows its traceback)
     130 interrupted (Ctrl-C)
     143 terminated (SIGTERM)
 """
@@ -97,11 +98,18 @@ def debug_enabled() -> bool:
     return os.environ.get("EDGECLI_DEBUG", "") not in ("", "0", "false", "no")
 
 
+def _one_line(text: str) -> str:
+    # a path or value holding a newline must not forge a second "error:" line
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def report(exc: BaseException) -> int:
     """Print a known error as one line (plus an optional hint) on stderr; return its exit code."""
     if isinstance(exc, EdgeError):
         for line in exc.lines():
-            print(line, file=sys.stderr)
+            print(_one_line(line), file=sys.stderr)
         return exc.exit_code
     if isinstance(exc, Terminated):
         print("terminated: stopped by SIGTERM; nothing half-written was published", file=sys.stderr)
@@ -119,6 +127,18 @@ def report(exc: BaseException) -> int:
         return EXIT_USAGE
     if isinstance(exc, OSError) and exc.errno is not None:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(_one_line(f"error: {exc.strerror or exc}{where}"), file=sys.stderr)
         return EXIT_CHECK_FAILED
-    return -1  # unknown: caller re-raises so the traceback is shown
+    return -1  # unknown: see report_unexpected
+
+
+def report_unexpected(exc: BaseException) -> int:
+    """The funnel's last case: an exception no table row knows is still one line (exit 1), not a traceback."""
+    if isinstance(exc, RecursionError):
+        print("error: input nested too deeply (RecursionError); refused", file=sys.stderr)
+        return EXIT_USAGE
+    first = (str(exc).splitlines() or [""])[0][:200]
+    print(_one_line(f"error: unexpected {type(exc).__name__}{': ' + first if first else ''}"), file=sys.stderr)
+    if not debug_enabled():
+        print("hint: this is a bug in edgecli; EDGECLI_DEBUG=1 shows the traceback", file=sys.stderr)
+    return EXIT_CHECK_FAILED

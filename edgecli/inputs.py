@@ -16,7 +16,10 @@ Accepted inputs
   ``{"text": "turn on the lights"}`` (text), ``{"path": "digit.png"}`` (any file above),
   ``{"input": [[...]]}`` (model input values, for a model without edgecli metadata).
 
-Every problem is a ``Sample`` with ``error`` set (one line naming the input), never an exception.
+Every problem is a ``Sample`` with ``error`` set (one line naming the input), never an exception:
+files are opened by the one guarded opener (``edgecli.safeio``: regular files only, never blocking on
+a FIFO, bounded in size), and any other failure while reading one input (a decompression bomb, an
+.npy header claiming 1e12 elements, JSON nested 100k deep) is that input's error alone.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecli.errors import DataError
+from edgecli.errors import DataError, EdgeError
+from edgecli.safeio import INPUT_LIMIT, read_user_bytes, read_user_text, shown
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
@@ -65,25 +69,39 @@ class Reader:
     # ------------------------------------------------------------------ entry points
     def argument(self, arg: str) -> Sample:
         """A command-line argument: a file of a kind this model takes."""
+        name = shown(arg)
         p = Path(arg)
-        if not p.exists():
-            return Sample(arg, error=f"{arg}: no such file")
-        if p.is_dir():
-            return Sample(arg, error=f"{arg}: is a directory, expected a file")
-        return self._guard(arg, lambda: self.file(p, arg))
+        try:
+            if not p.exists() and not p.is_symlink():
+                return Sample(name, error=f"{name}: no such file")
+            if p.is_dir():
+                return Sample(name, error=f"{name}: is a directory, expected a file")
+        except (OSError, ValueError) as e:  # a name too long, or holding NUL
+            return Sample(name, error=f"{name}: not a usable path ({type(e).__name__})")
+        return self._guard(name, lambda: self.file(p, name))
 
     def json_line(self, line: str, where: str) -> Sample:
         """One JSON request (a line of stdin)."""
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, parse_constant=_no_constant)  # NaN/Infinity are not JSON: never echoed back
         except json.JSONDecodeError as e:
             return Sample(where, error=f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+        except ValueError as e:
+            return Sample(where, error=f"{where}: not valid JSON ({e})")
+        except RecursionError:
+            return Sample(where, error=f"{where}: JSON nested too deeply; refused")
         if not isinstance(obj, dict):
             return Sample(where, error=f"{where}: expected a JSON object such as {self.example()}")
         rid = obj.get("id")
-        name = str(rid) if rid is not None else where
+        if rid is not None and (not isinstance(rid, (str, int, float, bool))
+                                or (isinstance(rid, float) and not np.isfinite(rid))):
+            return Sample(where, error=f"{where}: \"id\" must be a string or a finite number")
+        name = shown(rid) if rid is not None else where
         if "path" in obj:
-            s = self.argument(str(obj["path"]))
+            if not isinstance(obj["path"], str):
+                s = Sample(name, error=f"{name}: \"path\" must be a string")
+            else:
+                s = self.argument(obj["path"])
             s.id = rid
             return s
         s = self._guard(name, lambda: self.json_obj(obj, name))
@@ -91,13 +109,21 @@ class Reader:
         return s
 
     def _guard(self, name: str, fn) -> Sample:
+        """Run one input's reading; whatever goes wrong becomes that input's one-line error."""
         try:
             return fn()
-        except DataError as e:
+        except (DataError, EdgeError) as e:
             msg = e.message if e.message.startswith(name) else f"{name}: {e.message}"
             return Sample(name, error=msg)
         except (ValueError, TypeError, OverflowError) as e:
             return Sample(name, error=f"{name}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+        except MemoryError:
+            return Sample(name, error=f"{name}: too large to hold in memory; refused")
+        except RecursionError:
+            return Sample(name, error=f"{name}: nested too deeply; refused")
+        except Exception as e:  # noqa: BLE001 - the funnel is total: one input never ends the run
+            first = (str(e).splitlines() or [""])[0][:160]
+            return Sample(name, error=f"{name}: cannot be read ({type(e).__name__}{': ' + first if first else ''})")
 
     # ------------------------------------------------------------------ to override
     def file(self, path: Path, name: str) -> Sample:
@@ -122,9 +148,39 @@ def _row_names(name: str, n: int) -> list[str]:
     return [name] if n == 1 else [f"{name}[{i}]" for i in range(n)]
 
 
+def _no_constant(c: str):
+    raise ValueError(f"{c} is not a JSON value")
+
+
 def _load_npy(path: Path, name: str) -> np.ndarray:
+    """A plain numeric .npy through the guarded opener; its header must match the bytes it holds."""
+    import io
+
+    data = read_user_bytes(path, "an .npy array", INPUT_LIMIT, DataError)
+    if data[:2] == b"PK":
+        raise DataError(f"{name}: an .npz archive; give one .npy array per file")
+    f = io.BytesIO(data)
     try:
-        arr = np.load(path, allow_pickle=False)  # never unpickle user files
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    except (ValueError, EOFError, TypeError, OverflowError, SyntaxError) as e:
+        raise DataError(f"{name}: not a readable .npy array ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if dtype.hasobject:
+        raise DataError(f"{name}: holds Python objects (pickled); edgecli only reads plain numeric .npy arrays")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    need = count * dtype.itemsize
+    have = len(data) - f.tell()
+    if need != have:  # a header claiming 1e12 elements is refused before anything is allocated
+        raise DataError(f"{name}: the .npy header claims shape {list(shape)} ({need} bytes) but the file holds "
+                        f"{have} bytes of data; truncated or forged")
+    f.seek(0)
+    try:
+        arr = np.load(f, allow_pickle=False)  # never unpickle user files
     except ValueError as e:
         if "pickle" in str(e):
             raise DataError(f"{name}: holds Python objects (pickled); edgecli only reads plain numeric .npy arrays") from None
@@ -226,16 +282,13 @@ class TableReader(Reader):
         raise DataError(f"{name}: this is a table model; give .csv rows or a .npy array, not a {suf or 'suffix-less'} file")
 
     def _csv(self, path: Path, name: str) -> np.ndarray:
-        label = (self.info.get("label_column") or "label").lower()
-        try:
-            with open(path, newline="", encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
-            raise DataError(f"{name}: not a text CSV file") from None
-        except OSError as e:
-            raise DataError(f"{name}: cannot read ({e.strerror})") from None
+        label = str(self.info.get("label_column") or "label").lower()
+        text = read_user_text(path, "a text CSV file", INPUT_LIMIT, DataError)
         dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-        rows = [r for r in csv.reader(text.splitlines(), dialect=dialect) if r and any(c.strip() for c in r)]
+        try:
+            rows = [r for r in csv.reader(text.splitlines(), dialect=dialect) if r and any(c.strip() for c in r)]
+        except csv.Error as e:  # a field over the csv module's 128 KB limit, a NUL byte
+            raise DataError(f"{name}: not a valid CSV ({e})") from None
         if not rows:
             raise DataError(f"{name}: empty CSV file")
         drop = None
@@ -281,15 +334,17 @@ class TextReader(Reader):
 
     def argument(self, arg: str) -> Sample:
         p = Path(arg)
-        if p.is_file() and p.suffix.lower() in (".txt",):
-            return self._guard(arg, lambda: self.file(p, arg))
-        return self._guard(_short(arg), lambda: self._preprocess(np.asarray([arg], dtype=object), _short(arg)))
+        try:
+            is_txt = p.suffix.lower() in (".txt",) and p.exists()
+        except (OSError, ValueError):
+            is_txt = False
+        if is_txt:
+            return self._guard(shown(arg), lambda: self.file(p, shown(arg)))
+        return self._guard(shown(_short(arg)), lambda: self._preprocess(np.asarray([arg], dtype=object), shown(_short(arg))))
 
     def file(self, path: Path, name: str) -> Sample:
-        try:
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{name}: cannot read as UTF-8 text ({type(e).__name__})") from None
+        text = read_user_text(path, "a UTF-8 text file", INPUT_LIMIT, DataError)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             raise DataError(f"{name}: no sentences in the file")
         return self._preprocess(np.asarray(lines, dtype=object), name)

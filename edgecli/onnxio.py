@@ -87,42 +87,94 @@ def model_bytes(path: Path) -> int:
     return total
 
 
-def _external_tensors(m):
-    from onnx.external_data_helper import _get_all_tensors
+def _graph_tensors(g):
+    """Every TensorProto a graph holds: initializers, sparse initializers (values and indices), node
+    attributes (tensors, sparse tensors) and, recursively, subgraphs. onnx's own helper misses sparse ones."""
+    yield from g.initializer
+    for sp in g.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    for node in g.node:
+        yield from _attribute_tensors(node.attribute)
 
-    for t in _get_all_tensors(m):
+
+def _attribute_tensors(attrs):
+    for a in attrs:
+        if a.HasField("t"):
+            yield a.t
+        yield from a.tensors
+        if a.HasField("sparse_tensor"):
+            yield a.sparse_tensor.values
+            yield a.sparse_tensor.indices
+        for sp in a.sparse_tensors:
+            yield sp.values
+            yield sp.indices
+        if a.HasField("g"):
+            yield from _graph_tensors(a.g)
+        for sub in a.graphs:
+            yield from _graph_tensors(sub)
+
+
+def _all_tensors(m):
+    yield from _graph_tensors(m.graph)
+    for fn in m.functions:
+        for node in fn.node:
+            yield from _attribute_tensors(node.attribute)
+
+
+def _external_tensors(m):
+    for t in _all_tensors(m):
         if t.HasField("data_location") and t.data_location == 1:  # TensorProto.EXTERNAL
             yield t
 
 
 def check_external_data(m, model_path: Path) -> None:
-    """Refuse external data whose location escapes the model's directory (before reading it)."""
-    base = Path(model_path).resolve().parent
+    """Refuse external data whose location escapes the model's directory (before reading it).
+
+    The directory is the one ONNX Runtime reads from: beside the path it is given (a symlinked
+    model.onnx does not move its data to the link's target). The data file itself, and every folder
+    between, must be real (no link), and a regular file.
+    """
+    import stat
+
+    base = Path(os.path.abspath(model_path)).parent
+    real_base = base.resolve()
     for t in _external_tensors(m):
         loc = dict((e.key, e.value) for e in t.external_data).get("location", "")
-        if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in Path(loc).parts:
+        if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in Path(loc).parts or "\0" in loc:
             raise ModelFileError(f"{model_path}: external data location {loc!r} escapes the model's directory; refused")
-        target = (base / loc).resolve()
-        if base not in target.parents:
+        target = base / loc
+        p = base
+        for part in Path(loc).parts:
+            p = p / part
+            if p.is_symlink():
+                raise ModelFileError(f"{model_path}: external data {loc!r} is reached through a symbolic link; refused")
+        if real_base not in target.resolve().parents:
             raise ModelFileError(f"{model_path}: external data {loc!r} resolves outside the model's directory; refused")
-        if not target.is_file():
-            raise ModelFileError(f"{model_path}: external data file {loc!r} is missing")
+        try:
+            st = os.stat(target)
+        except OSError:
+            raise ModelFileError(f"{model_path}: external data file {loc!r} is missing (beside {base})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelFileError(f"{model_path}: external data {loc!r} is not a regular file; refused")
 
 
 def load_onnx(path: str | Path, *, load_external: bool = True):
     """Load an ONNX model safely: clear errors for missing, truncated, non-ONNX or escaping files."""
     import onnx
 
+    from edgecli.safeio import open_user_file
+
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path}: no such model file")
     if not path.is_file():
-        raise ModelFileError(f"{path}: not a file")
-    try:
-        with open(path, "rb") as f:
+        raise ModelFileError(f"{path}: not a regular file (a directory, FIFO or device); refused")
+    with open_user_file(path, "an ONNX model", 1 << 62, ModelFileError) as f:  # never blocks on a FIFO
+        try:
             head = f.read(64)
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot read ({e.strerror})") from None
+        except OSError as e:
+            raise ModelFileError(f"{path}: cannot read ({e.strerror})") from None
     if not head:
         raise ModelFileError(f"{path}: empty file, not an ONNX model")
     if head.startswith(b"version https://git-lfs"):
@@ -138,7 +190,7 @@ def load_onnx(path: str | Path, *, load_external: bool = True):
         from onnx.external_data_helper import load_external_data_for_model
 
         try:
-            load_external_data_for_model(m, str(path.resolve().parent))
+            load_external_data_for_model(m, str(Path(os.path.abspath(path)).parent))  # where ORT looks too
         except Exception as e:
             raise ModelFileError(f"{path}: cannot read external data ({type(e).__name__}: {e})") from None
     return m
@@ -188,11 +240,45 @@ def get_metadata(model_or_path) -> dict[str, str]:
 
 def model_info_from_onnx(path: Path) -> dict | None:
     """edgecli's model description (preprocessing, labels, inputs) stored in a model's metadata."""
+    return parse_model_info(get_metadata(path).get("edgecli.model_info"), f"{path}")
+
+
+def parse_model_info(text: str | None, where: str) -> dict | None:
+    """The ``edgecli.model_info`` metadata of a model: None when absent, else a checked object.
+
+    It is data from a file: malformed JSON, a non-object, or fields of the wrong type are a one-line
+    ModelFileError naming the model, not a traceback in whichever stage reads it first.
+    """
     import json
 
-    meta = get_metadata(path)
-    text = meta.get("edgecli.model_info")
-    return json.loads(text) if text else None
+    if not text:
+        return None
+    try:
+        info = json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        raise ModelFileError(f"{where}: edgecli.model_info metadata is not valid JSON") from None
+    if not isinstance(info, dict):
+        raise ModelFileError(f"{where}: edgecli.model_info metadata is not a JSON object")
+    checks = {"arch": str, "kind": str, "preprocess": dict, "class_names": list, "input_names": list,
+              "args": dict, "input_shape": list, "tokenizer": dict}
+    for key, typ in checks.items():
+        if info.get(key) is not None and not isinstance(info[key], typ):
+            raise ModelFileError(f"{where}: edgecli.model_info field {key!r} is not a {typ.__name__}")
+    n = info.get("num_classes")
+    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise ModelFileError(f"{where}: edgecli.model_info field 'num_classes' is not a positive integer")
+    shape = info.get("input_shape")
+    if shape is not None and not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ModelFileError(f"{where}: edgecli.model_info field 'input_shape' is not a list of positive integers")
+    if info.get("preprocess") is not None:
+        from edgecli.data.preprocess import PreprocessSpec
+        from edgecli.errors import DataError
+
+        try:
+            PreprocessSpec.from_dict(info["preprocess"])
+        except DataError as e:
+            raise ModelFileError(f"{where}: edgecli.model_info: {e.message}") from None
+    return info
 
 
 # --------------------------------------------------------------------------- untrusted models
@@ -202,6 +288,11 @@ def model_info_from_onnx(path: Path) -> dict | None:
 _PROBE_CHILD = r"""
 import contextlib, json, os, sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+with contextlib.suppress(Exception):  # die with the parent (Linux): a killed edgecli leaves no probe behind
+    import ctypes, signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(os.environ.get("EDGECLI_PARENT_PID", os.getppid())):
+        os._exit(1)
 out = sys.stdout
 sys.stdout = sys.stderr  # ONNX Runtime prints provider fallbacks with print()
 def verdict(**kw):
@@ -212,8 +303,11 @@ try:
     from edgecli.onnxio import load_onnx
     from edgecli.runtime import make_session
     path = sys.argv[1]
-    load_onnx(path, load_external=False)
+    if not path.lower().endswith(".ort"):  # an .ort file is a flatbuffer: only ONNX Runtime reads it
+        load_onnx(path, load_external=False)
     sess = make_session(path, threads=1)
+    if not sess.get_inputs():
+        raise EdgeError("the model has no inputs; nothing could be fed to it")
     feeds, skipped = {}, []
     types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
@@ -247,8 +341,15 @@ def probe_model(path: str | Path, *, timeout_s: float = 120.0) -> dict:
     import sys
 
     path = Path(path)
-    load_onnx(path, load_external=False)  # cheap checks (missing, LFS pointer, escaping data) first
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+    if path.suffix.lower() == ".ort":
+        from edgecli.safeio import open_user_file
+
+        with open_user_file(path, "an ORT model", 1 << 62, ModelFileError) as f:  # regular file, never blocks
+            if not f.read(8):
+                raise ModelFileError(f"{path}: empty file, not an ORT model")
+    else:
+        load_onnx(path, load_external=False)  # cheap checks (missing, LFS pointer, escaping data) first
+    env = {**os.environ, "EDGECLI_PARENT_PID": str(os.getpid()), "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                         os.environ.get("PYTHONPATH")]))}
     try:
         proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD, str(path)], capture_output=True, text=True,

@@ -81,7 +81,29 @@ def render_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 def print_json(obj: Any) -> None:
+    """Strict JSON on stdout: a non-finite float (no JSON value) is written as null, never as NaN."""
     from edgecli.artifacts import _json_default
 
-    sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.write(json.dumps(_finite_only(obj), default=_json_default, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite_only(obj: Any) -> Any:
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_only(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_only(v) for v in obj]
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.floating):
+            return float(obj) if np.isfinite(obj) else None
+        if isinstance(obj, np.ndarray):
+            return _finite_only(obj.tolist())
+    except ImportError:  # pragma: no cover
+        pass
+    return obj

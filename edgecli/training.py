@@ -252,11 +252,17 @@ LossFn = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from edgecli.artifacts import open_own, own_dir, refuse_link
+
+    own_dir(path.parent.parent, "checkpoints")  # never a link: edgecli writes and deletes in there
+    own_dir(path.parent, "checkpoints")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    refuse_link(tmp)
+    tmp.unlink(missing_ok=True)
     try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
+        with os.fdopen(open_own(tmp), "wb") as f:
+            torch.save(state, f)
+            f.flush()
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError from its zip writer
         import errno
@@ -267,10 +273,14 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         raise OSError(errno.ENOSPC if full else errno.EIO,
                       "No space left on device" if full else f"cannot write checkpoint ({str(e).splitlines()[0][:120]})",
                       str(path)) from None
+    refuse_link(path, "its checkpoint")
     os.replace(tmp, path)
 
 
 def _load_checkpoint(path: Path) -> dict:
+    from edgecli.artifacts import refuse_link
+
+    refuse_link(path, "its checkpoint")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:

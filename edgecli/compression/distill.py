@@ -66,9 +66,15 @@ def hard_label_loss(cfg, train_y, num_classes: int):
     return ce
 
 
-def _weights_and_info(ref: Path, model_info: dict) -> tuple[Path, dict]:
-    """A teacher reference (weights file, stage directory or run directory) -> (weights, model_info)."""
+def _weights_and_info(ref: Path, model_info: dict, trusted: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """A teacher reference (weights file, stage directory or run directory) -> (weights, model_info).
+
+    A teacher directory's manifest names an architecture: it is built only when the config names it
+    too (``trusted``) or it is a registry name; a manifest never chooses which code is imported.
+    """
     import json
+
+    from edgecli.models import trusted_info
 
     cands = [(ref, None), (ref / "weights.safetensors", ref / "manifest.json"),
              (ref / "train" / "weights.safetensors", ref / "train" / "manifest.json")]
@@ -77,9 +83,13 @@ def _weights_and_info(ref: Path, model_info: dict) -> tuple[Path, dict]:
             info = model_info
             if man is not None and man.is_file():
                 try:
-                    info = json.loads(man.read_text()).get("model_info") or model_info
-                except (OSError, ValueError):
+                    data = json.loads(man.read_text())
+                except (OSError, ValueError, RecursionError):
                     raise ModelFileError(f"{man}: unreadable manifest") from None
+                if not isinstance(data, dict):
+                    raise ModelFileError(f"{man}: not an edgecli manifest (not a JSON object)")
+                if data.get("model_info"):
+                    info = trusted_info(data["model_info"], trusted, str(man))
             return w, info
     raise ConfigError(f"distill.teacher: no weights at {ref} (give 'train', a .safetensors file or a train stage directory)")
 
@@ -106,7 +116,9 @@ def load_teacher(ctx, ref: str = "train"):
                 ctx.teacher = copy.deepcopy(ctx.model)
         teacher = ctx.teacher
     else:
-        w, info = _weights_and_info(Path(ref).expanduser(), ctx.model_info)
+        from edgecli.models import trusted_archs
+
+        w, info = _weights_and_info(Path(ref).expanduser(), ctx.model_info, trusted_archs(ctx.cfg))
         teacher = rebuild_pruned(info, load_weights_file(w))
         if int(info.get("num_classes", ctx.num_classes)) != int(ctx.num_classes):
             raise ConfigError(f"distill.teacher: {w} predicts {info.get('num_classes')} classes, "

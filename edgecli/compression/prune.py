@@ -378,13 +378,13 @@ def prune_step(ctx, opts) -> dict:
 
 def _compressed_bytes(model, example) -> tuple[int, int]:
     """(ONNX bytes, the same file deflated with zlib level 9) of ``model`` exported to a temp dir."""
-    import tempfile
     import zlib
     from pathlib import Path
 
     from edgecli.onnxio import export_onnx
+    from edgecli.safeio import temp_dir
 
-    with tempfile.TemporaryDirectory() as d:
+    with temp_dir("sparsity") as d:
         p = export_onnx(copy.deepcopy(model).eval(), (example,), Path(d) / "m.onnx")
         data = p.read_bytes()
     return len(data), len(zlib.compress(data, 9))

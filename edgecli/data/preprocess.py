@@ -66,6 +66,36 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessSpec:
+        """A spec read from a model's metadata or card: checked field by field (it is data from a file)."""
+        from dataclasses import fields
+
+        if not isinstance(d, dict):
+            raise DataError("the model's preprocessing spec is not an object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DataError(f"the model's preprocessing spec has unknown field(s) {', '.join(map(str, unknown[:5]))}")
+        if d.get("kind") not in ("image", "table", "text"):
+            raise DataError(f"the model's preprocessing spec has kind {str(d.get('kind'))[:40]!r}, not image/table/text")
+
+        def ints(v, n=None):
+            return (isinstance(v, list) and (n is None or len(v) == n)
+                    and all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= 1 << 20 for i in v))
+
+        def floats(v):
+            return isinstance(v, list) and all(isinstance(i, (int, float)) and not isinstance(i, bool)
+                                               and np.isfinite(i) for i in v)
+
+        ok = ints(d.get("raw_shape")) and ints(d.get("input_shape"))
+        ok = ok and (d.get("resize") is None or ints(d["resize"], 2))
+        ok = ok and (d.get("channels") is None or d["channels"] in (1, 3))
+        ok = ok and isinstance(d.get("scale", 1.0), (int, float)) and np.isfinite(d.get("scale", 1.0))
+        ok = ok and all(d.get(k) is None or floats(d[k]) for k in ("mean", "std"))
+        ok = ok and isinstance(d.get("extra", {}), dict)
+        if d.get("kind") == "image":
+            ok = ok and len(d.get("raw_shape") or []) == 3 and len(d.get("input_shape") or []) == 3
+        if not ok:
+            raise DataError("the model's preprocessing spec is malformed (shapes, resize, channels, scale, mean, std)")
         return cls(**d)
 
     # ------------------------------------------------------------------ applying
@@ -152,14 +182,23 @@ def convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
 
 def load_image_file(path: str, channels: int) -> np.ndarray:
     """Read an image file as uint8 (H, W, C) in the dataset's raw mode (grayscale or RGB)."""
+    import io
     import os
 
     from PIL import Image, UnidentifiedImageError
 
-    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
-        raise DataError(f"{path}: not a regular file (a FIFO or device would never end)")
+    from edgecli.safeio import IMAGE_PIXEL_LIMIT, INPUT_LIMIT, read_user_bytes, shown
+
+    name = shown(path)
+    if os.path.isdir(path):
+        raise DataError(f"{name}: is a directory, expected an image file")
+    data = read_user_bytes(path, "an image file", INPUT_LIMIT, DataError)  # never blocks, bounded
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > IMAGE_PIXEL_LIMIT or w * h <= 0:  # a decompression bomb: refused before decoding
+                raise DataError(f"{name}: {w}x{h} pixels, over the {IMAGE_PIXEL_LIMIT // 1_000_000} million pixel "
+                                "limit for one image; refused")
             im.load()
             mode = "L" if channels == 1 else "RGB"
             arr = np.asarray(im.convert(mode))
@@ -169,8 +208,10 @@ def load_image_file(path: str, channels: int) -> np.ndarray:
         raise DataError(f"{path}: is a directory, expected an image file") from None
     except PermissionError:
         raise DataError(f"{path}: permission denied") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: not a readable image ({type(e).__name__})") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"{name}: over Pillow's pixel limit (a decompression bomb?); refused") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise DataError(f"{name}: not a readable image ({type(e).__name__})") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr

@@ -44,5 +44,56 @@ def build_model(arch: str, input_shape: list[int], num_classes: int, args: dict 
         return cls(input_shape=list(input_shape), num_classes=int(num_classes), **args)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"{key}: cannot build '{arch}' for input {list(input_shape)}: {e}") from None
+    except (MemoryError, RuntimeError) as e:  # torch's allocator: "can't allocate memory: you tried to allocate ..."
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        if isinstance(e, RuntimeError) and "allocate" not in first:
+            raise
+        tail = first.split("DefaultCPUAllocator: ")[-1][:160]
+        raise ConfigError(f"{key}.args: '{arch}' is too large to build on this machine ({tail})") from None
+
+
+def trusted_archs(cfg) -> tuple[str, ...]:
+    """The architectures this config names (model.arch, every distill student.arch): the only custom code
+    edgecli imports. Registry names are always allowed besides."""
+    names = [cfg.model.arch]
+    for st in cfg.compress.steps:
+        opts = st.options
+        d = opts if st.kind == "distill" else getattr(opts, "distill", None)
+        student = getattr(d, "student", None) if d is not None else None
+        if student is not None:
+            names.append(student.arch)
+    return tuple(names)
+
+
+def trusted_info(info, trusted, where: str) -> dict:
+    """A model description read from an artifact (manifest, model card, ONNX metadata), checked.
+
+    Its ``arch`` is imported only when it is a registry name or one the config itself names
+    (``trusted``): a manifest is data, and data never chooses which code runs. Malformed fields are
+    an ArtifactError naming ``where``, never a traceback later.
+    """
+    from edgecli.errors import ArtifactError
+    from edgecli.safeio import shown
+
+    if not isinstance(info, dict):
+        raise ArtifactError(f"{where}: model_info is not an object")
+    arch = info.get("arch")
+    if not isinstance(arch, str) or not arch:
+        raise ArtifactError(f"{where}: model_info.arch is missing or not a string")
+    if arch not in MODELS.entries and arch not in tuple(trusted):
+        raise ArtifactError(
+            f"{where}: names architecture {shown(arch)!r}, which is neither a registered model nor the config's "
+            f"model.arch / distill.student.arch; refused (an artifact never chooses which code edgecli imports)",
+            hint="set model.arch in the config to that class if you trust it, or rebuild the artifact")
+    shape = info.get("input_shape")
+    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20
+                                                        for d in shape)):
+        raise ArtifactError(f"{where}: model_info.input_shape must be a list of positive integers")
+    n = info.get("num_classes")
+    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1 << 20):
+        raise ArtifactError(f"{where}: model_info.num_classes must be a positive integer")
+    if not isinstance(info.get("args") or {}, dict):
+        raise ArtifactError(f"{where}: model_info.args must be an object")
+    return info

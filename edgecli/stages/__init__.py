@@ -61,14 +61,18 @@ def skipped_result(store: ArtifactStore, stage: str) -> StageResult:
     )
 
 
-def run_stage(store: ArtifactStore, stage: str, fingerprint: str, force: bool,
+def run_stage(store: ArtifactStore, stage: str, fingerprint: str | Callable[[], str], force: bool,
               build: Callable[[StageWriter], tuple[dict, dict, dict]], *, command: str = "") -> StageResult:
     """Lock the run, skip when up to date, build into a temp dir, publish atomically.
 
     ``build(writer)`` writes files into ``writer.dir`` and returns (config_section, metrics, extra
     manifest fields). Any exception (or Ctrl-C) discards the temp dir: nothing half-written is published.
+    ``fingerprint`` may be a function: it is then called with the lock held, so a stage that resolves
+    its input there cannot read an upstream stage another process is publishing at that moment.
     """
     with store.lock(command or f"edgecli {stage}"):
+        if callable(fingerprint):
+            fingerprint = fingerprint()
         if not force and store.up_to_date(stage, fingerprint):
             res = skipped_result(store, stage)
             if getattr(store, "stale_lock_message", ""):
@@ -112,12 +116,13 @@ def resolve_input(store: ArtifactStore, ref: str | None, default_order: tuple[st
         from edgecli.config import did_you_mean
 
         raise ArtifactError(f"{key}: '{ref}' is neither a stage ({', '.join(STAGES[:3])}){did_you_mean(ref, STAGES)} nor a model file")
-    if not p.is_file():
+    if not p.exists():
         raise ArtifactError(f"{key}: model file {p} does not exist")
-    if p.suffix.lower() != ".ort":
-        from edgecli.onnxio import probe_model
+    from edgecli.onnxio import probe_model
 
-        probe_model(p)  # a model from elsewhere: a crash in ONNX Runtime kills a child, not edgecli
+    # a model from elsewhere (.onnx or .ort): a crash in ONNX Runtime kills a child, not edgecli; a FIFO,
+    # a device or a model with no inputs is a one-line model error here, for every stage alike
+    probe_model(p)
     return None, p
 
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +93,14 @@ def select_targets(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[Targ
                 from edgecli.onnxio import model_info_from_onnx as _mi
 
                 info = _mi(store.require("train", "model.onnx"))
-            if not info or (info.get("kind") == "text" and len(info.get("input_names") or []) < 2):
+            if not info or (isinstance(info, dict) and info.get("kind") == "text"
+                            and len(info.get("input_names") or []) < 2):
                 notes.append("PyTorch baseline skipped: the train stage does not describe a single-input model")
             else:
+                from edgecli.models import trusted_archs, trusted_info
+
+                # the baseline imports the architecture the manifest names: only one the config names too
+                info = trusted_info(info, trusted_archs(cfg), str(store.stage_dir("train") / "manifest.json"))
                 targets.insert(0, Target(TORCH_LABEL, "torch", weights, "train", info, weights.stat().st_size))
     return targets, notes
 
@@ -220,6 +225,7 @@ def run_worker(spec: dict, tmp: Path, label: str) -> dict:
     sp, op = tmp / f"spec{idx}.json", tmp / f"out{idx}.json"
     sp.write_text(json.dumps(spec))
     env = dict(os.environ)
+    env["EDGECLI_PARENT_PID"] = str(os.getpid())  # the worker dies with this process (benchworker.die_with_parent)
     pkg_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if spec["kind"] == "torch":  # no OpenMP pool wider than the thread count being measured
@@ -293,7 +299,9 @@ def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], qu
     bc = cfg.bench
     rows: list[dict] = []
     measurements: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="edgecli-bench-") as td:
+    from edgecli.safeio import temp_dir
+
+    with temp_dir("bench") as td:  # named by pid: the next run removes it should this one be SIGKILLed
         tmp = Path(td)
         xs, y_path, num_classes, notes = _write_inputs(cfg, targets, tmp)
         jobs = []
@@ -430,17 +438,39 @@ def check_budgets(cfg: PipelineConfig, rows: list[dict], measurements: list[dict
 
 def load_baseline(path: Path) -> dict:
     """An earlier results.json; clear one-line errors for anything else."""
+    from edgecli.safeio import BASELINE_LIMIT, read_user_text, shown
+
+    class _BaselineError(UsageError):
+        def __init__(self, message: str, **kw):
+            super().__init__(f"--baseline {message}", **kw)
+
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "results.json"
+    text = read_user_text(p, "a bench results.json", BASELINE_LIMIT, _BaselineError)  # FIFOs, /dev/zero refused
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"--baseline {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"--baseline {path}: not a readable results.json ({type(e).__name__})") from None
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise UsageError(f"--baseline {shown(path)}: not a readable results.json ({type(e).__name__})") from None
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-        raise UsageError(f"--baseline {path}: not an edgecli bench results.json (no 'rows')")
+        raise UsageError(f"--baseline {shown(path)}: not an edgecli bench results.json (no 'rows')")
+    # every field compare_baseline reads, checked now: a crafted file fails before minutes of measuring
+    for i, r in enumerate(data["rows"]):
+        bad = None
+        if not isinstance(r, dict):
+            bad = "is not an object"
+        elif not isinstance(r.get("model"), str):
+            bad = "has no model name"
+        elif r.get("p95_ms") is not None and (isinstance(r["p95_ms"], bool) or not isinstance(r["p95_ms"], (int, float))
+                                              or not math.isfinite(r["p95_ms"]) or r["p95_ms"] <= 0):
+            bad = "has a p95_ms that is not a positive number"
+        elif not all(isinstance(r.get(k), (str, int, type(None))) and not isinstance(r.get(k), bool)
+                     for k in ("provider", "batch", "threads")):
+            bad = "has a provider, batch or threads of the wrong type"
+        if bad:
+            raise UsageError(f"--baseline {shown(path)}: rows[{i}] {bad}; not an edgecli bench results.json")
+    if data.get("pipeline") is not None and not isinstance(data["pipeline"], str):
+        raise UsageError(f"--baseline {shown(path)}: 'pipeline' is not a string")
     return data
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from edgecli.artifacts import (
 )
 from edgecli.config import PipelineConfig
 from edgecli.errors import ArtifactError, ConfigError, DataError
+from edgecli.safeio import temp_dir as _temp_dir
 from edgecli.stages import StageResult, Table, run_stage
 
 STAGE = "compress"
@@ -225,13 +225,14 @@ def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> t
     """Run prune/distill/sparsity in order; return (onnx path, step records, final model, notes)."""
     from edgecli.compression import TorchContext
     from edgecli.compression.quantize import time_p50
-    from edgecli.models import build_model
+    from edgecli.models import build_model, trusted_archs, trusted_info
     from edgecli.training import load_weights_file
 
     man = store.manifest("train")
     info = man.get("model_info")
     if not info:
         raise ArtifactError("train manifest has no model_info; rerun `edgecli train -c <config> --force`")
+    info = trusted_info(info, trusted_archs(cfg), str(store.stage_dir("train") / "manifest.json"))
     model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args"))
     model.load_state_dict(load_weights_file(store.require("train", "weights.safetensors")))
     model.eval()
@@ -276,13 +277,16 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     from edgecli.report import info as log_info
 
     check_steps(cfg, from_stage=cfg.compress.input in STAGES)  # config mistakes first, before any file
-    stage, src_path = _input_ref(cfg, store)
-    fp = fingerprint(cfg, store, stage, src_path)
     state: dict = {}
     log = (lambda m: None) if quiet else (lambda m: log_info(f"compress: {m}"))
 
+    def fp():  # called with the run lock held: the input cannot change under us
+        state["input"] = _input_ref(cfg, store)
+        return fingerprint(cfg, store, *state["input"])
+
     def build(w: StageWriter):
-        with tempfile.TemporaryDirectory(prefix="edgecli-compress-") as tmp:
+        stage, src_path = state["input"]
+        with _temp_dir("compress") as tmp:
             return _build(cfg, store, w, Path(tmp), stage, src_path, state, quiet, log)
 
     res = run_stage(store, STAGE, fp, force, build, command="edgecli compress")
@@ -296,7 +300,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
     import onnx
 
     from edgecli.compression.quantize import QuantizeJob, Scorer, inputs_of, load_input_file, n_samples
-    from edgecli.onnxio import get_metadata, load_onnx, model_bytes, set_metadata
+    from edgecli.onnxio import get_metadata, load_onnx, model_bytes, parse_model_info, set_metadata
 
     if stage:
         man = w.add_upstream(stage)
@@ -321,7 +325,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
             file_feeds = load_input_file(Path(steps[i].quantize.calibration.data), inputs,
                                          f"compress.steps.{i}.quantize.calibration.data")
             break
-    src_info = man.get("model_info") if man else json.loads(meta.get("edgecli.model_info", "null"))
+    src_info = man.get("model_info") if man else parse_model_info(meta.get("edgecli.model_info"), str(src_path))
     data = _eval_data(cfg, inputs, file_feeds, embedding=(src_info or {}).get("output_names") == ["embedding"])
     notes = [data.fit_note] if data.fit_note else []
     records: list[dict] = []
@@ -339,7 +343,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
     # candidate, and the score itself when no labels fit
     reference = Scorer(data.eval_feeds, None, cfg.compress.threads).outputs(cur)
     if cfg.compress.transformer_optimize:
-        info = man.get("model_info") if man else json.loads(meta.get("edgecli.model_info", "null"))
+        info = man.get("model_info") if man else parse_model_info(meta.get("edgecli.model_info"), str(src_path))
         cur, fusion = _fuse(cfg, info, cur, work, data, reference, log)
         records.append(fusion)
     scorer = Scorer(data.eval_feeds, data.labels, cfg.compress.threads, reference=reference, embedding=data.embedding)
@@ -426,7 +430,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
     }
     write_json_atomic(w.path("report.json"), report)
     state.update(report=report, notes=notes)
-    model_info = man.get("model_info") if man else json.loads(meta.get("edgecli.model_info", "null"))
+    model_info = man.get("model_info") if man else parse_model_info(meta.get("edgecli.model_info"), str(src_path))
     extra.update(model_info=model_info, seed=cfg.seed, metric=data.metric, verdict=report["verdict"])
     metrics = {"bytes": final_bytes, "size_ratio": report["final"]["size_ratio"], "metric": data.metric,
                "score": report["final"]["score"], "input_score": first.get("score"),

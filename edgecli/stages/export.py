@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from edgecli import __version__
 from edgecli.artifacts import ArtifactStore, StageWriter, sha256_file, sha256_json, upstream_fingerprint
 from edgecli.config import PipelineConfig
 from edgecli.errors import CheckFailed, ConfigError, DataError, ModelFileError
+from edgecli.safeio import temp_dir as _temp_dir
 from edgecli.stages import StageResult, Table, run_stage
 
 STAGE = "export"
@@ -228,7 +228,7 @@ def convert_to_ort(model: Path, out_dir: Path, level: str) -> tuple[Path, Path]:
     """model.ort + required_operators.config via onnxruntime.tools (offline), at ``level``."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    with tempfile.TemporaryDirectory(prefix="edgecli-ort-") as tmp:
+    with _temp_dir("ort") as tmp:
         src_dir = Path(tmp) / "in"
         dst_dir = Path(tmp) / "out"
         src_dir.mkdir()
@@ -358,13 +358,16 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     """Optimise, convert and check the input model; publish model.onnx, model.ort and card.json."""
     from edgecli.report import info as log_info
 
-    stage, src = _input_ref(cfg, store)
-    fp = fingerprint(cfg, store, stage, src)
     state: dict = {}
     log = (lambda m: None) if quiet else (lambda m: log_info(f"export: {m}"))
 
+    def fp():  # called with the run lock held: compress cannot be mid-publish while we pick our input
+        state["input"] = _input_ref(cfg, store)
+        return fingerprint(cfg, store, *state["input"])
+
     def build(w: StageWriter):
-        with tempfile.TemporaryDirectory(prefix="edgecli-export-") as tmp:
+        stage, src = state["input"]
+        with _temp_dir("export") as tmp:
             return _build(cfg, store, w, Path(tmp), stage, src, state, log)
 
     res = run_stage(store, STAGE, fp, force, build, command="edgecli export")
@@ -404,7 +407,7 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
     import onnx
 
     from edgecli.compression.quantize import model_inputs
-    from edgecli.onnxio import load_onnx
+    from edgecli.onnxio import load_onnx, parse_model_info
 
     lineage = {}
     if stage:
@@ -421,7 +424,7 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
     src_model = load_onnx(src)  # guarded: truncated, non-ONNX, escaping external data are refused here
     meta = {p.key: p.value for p in src_model.metadata_props}
     meta.pop("edgecli.card", None)
-    info = json.loads(meta["edgecli.model_info"]) if meta.get("edgecli.model_info") else None
+    info = parse_model_info(meta.get("edgecli.model_info"), str(src))
     src_local = work / "input.onnx"
     save_model(src_model, src_local)  # self-contained: external data (if any) read once, locally
     inputs = model_inputs(src_model)

@@ -64,7 +64,8 @@ class Model:
             load_onnx(path, load_external=False)  # guarded: truncated, non-ONNX, escaping data refused
         self.sha256 = sha256_file(path)
         self.sess = make_session(path, threads=threads, providers=providers)
-        self.info = model_description(self.sess.get_modelmeta().custom_metadata_map)
+        self.info = model_description(self.sess.get_modelmeta().custom_metadata_map, str(path))
+        self.out_index = score_output(self.sess.get_outputs(), path)
         self.inputs = [{"name": i.name, "shape": [d if isinstance(d, int) else None for d in i.shape],
                         "dtype": _ORT_DTYPES.get(i.type, "float32")} for i in self.sess.get_inputs()]
         names = (self.info or {}).get("class_names")
@@ -83,25 +84,54 @@ class Model:
                 self.sess.run(None, feeds)
             self._warm = True
         t0 = time.perf_counter()
-        out = self.sess.run(None, feeds)[0]
+        out = self.sess.run(None, feeds)[self.out_index]
         ms = (time.perf_counter() - t0) * 1000.0
+        rows = len(next(iter(feeds.values())))
         out = np.asarray(out, dtype=np.float64)
+        if out.ndim == 0 or len(out) != rows:  # one answer per input row, or none at all
+            raise ValueError(f"the model answered {len(out) if out.ndim else 0} row(s) for a batch of {rows}; "
+                             "its output is not sized by the batch")
         if not np.isfinite(out).all():  # NaN probabilities would also make invalid JSON
             raise ValueError("the model's output holds NaN or Inf")
         return to_probs(out), ms
 
 
-def model_description(meta: dict[str, str]) -> dict | None:
+def model_description(meta: dict[str, str], where: str = "model") -> dict | None:
     """What infer feeds the model by: the exported card (card.json, embedded in the model), else the
-    model_info that train/compress wrote; None for a model without edgecli metadata."""
+    model_info that train/compress wrote; None for a model without edgecli metadata.
+
+    Both are checked (``parse_model_info``): malformed metadata is a one-line model error."""
+    from edgecli.onnxio import parse_model_info
+
     for key in ("edgecli.card", "edgecli.model_info"):
-        try:
-            d = json.loads(meta[key]) if meta.get(key) else None
-        except json.JSONDecodeError:
-            d = None
+        d = parse_model_info(meta.get(key), where) if key == "edgecli.model_info" else _card(meta.get(key), where)
         if isinstance(d, dict) and d.get("preprocess"):
             return d
     return None
+
+
+def _card(text: str | None, where: str) -> dict | None:
+    from edgecli.onnxio import parse_model_info
+
+    try:
+        return parse_model_info(text, where)
+    except ModelFileError as e:
+        raise ModelFileError(e.message.replace("edgecli.model_info", "edgecli.card")) from None
+
+
+def score_output(outputs, path) -> int:
+    """Which output infer ranks: the first float tensor with a row per input.
+
+    A converted scikit-learn classifier's first output is the integer label and its scores come second;
+    ranking the label as if it were a score answers "0, prob 1.0" for everything.
+    """
+    floats = ("tensor(float)", "tensor(double)", "tensor(float16)")
+    for i, o in enumerate(outputs):
+        if o.type in floats:
+            return i
+    kinds = ", ".join(f"{o.name} ({o.type})" for o in outputs) or "none"
+    raise ModelFileError(f"{path}: no output holds float scores to rank (outputs: {kinds[:200]}); "
+                         "infer ranks classifier scores or logits")
 
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
@@ -141,7 +171,7 @@ class Printer:
             if rid is not None:
                 obj["id"] = rid
             obj.update(top_k=tk, latency_ms=round(ms, 4), batch=batch, model_sha256=self.model.sha256)
-            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
             sys.stdout.flush()
         elif self.stream:
             preds = ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in tk)
@@ -153,14 +183,16 @@ class Printer:
         self.ok += 1  # counted once delivered: a closed pipe mid-write is not an answer
 
     def error(self, name: str, rid, msg: str) -> None:
+        from edgecli.safeio import one_line
+
         self.failed += 1
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(msg)}", file=sys.stderr, flush=True)  # a newline in a name forges no line
         if self.json_out:
             obj = {"input": name}
             if rid is not None:
                 obj["id"] = rid
             obj.update(error=msg, model_sha256=self.model.sha256)
-            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
             sys.stdout.flush()
 
 
@@ -192,6 +224,11 @@ def _answer(model: Model, printer: Printer, samples: list, batch_size: int) -> N
             pending.clear()
             return
         n = len(probs)
+        if n != sum(s.n for s in pending):
+            for s in pending:
+                printer.error(s.name, s.id, f"{s.name}: the model answered {n} row(s) for {sum(x.n for x in pending)} input row(s)")
+            pending.clear()
+            return
         i = 0
         for s in pending:
             for j in range(s.n):
