@@ -353,8 +353,7 @@ class ArtifactStore:
             if not p.name.startswith("."):
                 continue
             if ".tmp-" in p.name:
-                stage = p.name[1:].split(".tmp-")[0]
-                if stage in STAGES and is_edgecli_dir(p):
+                if is_edgecli_dir(p):  # begin's marker, or a manifest: a stage a killed run was writing
                     shutil.rmtree(p, ignore_errors=True)
             elif ".old-" in p.name:
                 stage = p.name[1:].split(".old-")[0]

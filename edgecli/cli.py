@@ -256,11 +256,11 @@ def validate(
     _setup(False, False)
     try:
         from edgecli.config import load_config
-        from edgecli.validate import check_names, describe
+        from edgecli.validate import check_artifacts, check_names, describe
 
         cfg = load_config(config, set_ or [])
         check_names(cfg)
-        for line in describe(cfg):
+        for line in describe(cfg) + check_artifacts(cfg):
             print(line)
         print(f"{config}: ok")
     except (Exception, KeyboardInterrupt) as e:  # the same total funnel as the stage commands

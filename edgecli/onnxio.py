@@ -144,13 +144,13 @@ def check_external_data(m, model_path: Path) -> None:
         if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in Path(loc).parts or "\0" in loc:
             raise ModelFileError(f"{model_path}: external data location {loc!r} escapes the model's directory; refused")
         target = base / loc
+        if real_base not in target.resolve().parents:
+            raise ModelFileError(f"{model_path}: external data {loc!r} resolves outside the model's directory; refused")
         p = base
         for part in Path(loc).parts:
             p = p / part
             if p.is_symlink():
                 raise ModelFileError(f"{model_path}: external data {loc!r} is reached through a symbolic link; refused")
-        if real_base not in target.resolve().parents:
-            raise ModelFileError(f"{model_path}: external data {loc!r} resolves outside the model's directory; refused")
         try:
             st = os.stat(target)
         except OSError:

@@ -48,3 +48,22 @@ def describe(cfg: PipelineConfig) -> list[str]:
     for i, step in enumerate(cfg.compress.steps):
         out.append(f"compress.steps.{i}: {step.kind}")
     return out
+
+
+def check_artifacts(cfg: PipelineConfig) -> list[str]:
+    """What the run's published stages would make edgecli import, checked as the stages will check it.
+
+    A train manifest naming an architecture the config does not name is the same artifact error here
+    as in compress or bench, before anything is run. Returns one line per published stage checked.
+    """
+    from edgecli.artifacts import ArtifactStore
+    from edgecli.models import trusted_archs, trusted_info
+
+    store = ArtifactStore.for_config(cfg)
+    out = []
+    if store.exists("train"):
+        info = store.manifest("train").get("model_info")
+        if info:
+            info = trusted_info(info, trusted_archs(cfg), str(store.stage_dir("train") / "manifest.json"))
+            out.append(f"artifacts: {store.stage_dir('train')} builds {info['arch']}")
+    return out

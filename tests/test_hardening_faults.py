@@ -206,7 +206,8 @@ def test_stale_lock_from_a_killed_run_is_reclaimed(tmp_path):
     art = tmp_path / "art"
     run = art / "st"
     run.mkdir(parents=True)
-    (run / ".stage.tmp-424242").mkdir()  # what a killed writer leaves behind
+    (run / ".stage.tmp-424242").mkdir()  # what a killed writer leaves behind: begin's marker, half a stage
+    (run / ".stage.tmp-424242" / ".edgecli-stage").write_bytes(b"")
     (run / ".stage.tmp-424242" / "half.onnx").write_bytes(b"half")
     (run / ".lock").write_text(json.dumps({"pid": 424242, "host": "h", "command": "edgecli train", "active": True}))
     store = ArtifactStore(art, "st")
