@@ -290,9 +290,11 @@ class ArtifactStore:
         refuse_link(self.run_dir / ".checkpoints", "checkpoints")
         path = self.run_dir / ".lock"
         fd = open_own(path, os.O_RDWR | os.O_CREAT)  # a link planted as .lock is refused, never truncated
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # a hard link would be truncated like a symlink's target
             os.close(fd)
-            raise ArtifactError(f"{path} is not a regular file; edgecli keeps its run lock there")
+            raise ArtifactError(f"{path} is not a regular file of its own (a device, or a hard link to another file); "
+                                "edgecli keeps its run lock there")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

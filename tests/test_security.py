@@ -158,8 +158,8 @@ def test_1_code_named_in_an_artifact_is_never_imported(hostile_run, copy_pipelin
     marker = _plant(p.run_dir, p.dir, "evilmod:Evil")
     # bench's PyTorch baseline builds the train stage's architecture
     r = edgecli("bench", "-c", str(p.config), "-q", "--set", "bench.runs=5", cwd=p.dir)
-    assert_user_error(r, 2, "artifact error", "evilmod:Evil")
     assert not marker.exists(), "bench imported code named in a manifest"
+    assert_user_error(r, 2, "artifact error", "evilmod:Evil")
     # compress's PyTorch steps, in-process
     from edgecli.config import load_config
     from edgecli.stages import compress
@@ -290,11 +290,9 @@ def test_4_fifos_and_devices_are_refused_at_once_everywhere(tmp_path):
 
 
 def test_4_size_limits_have_a_clear_message(tmp_path):
-    from edgecli import safeio
-
     big = tmp_path / "big.yaml"
     with open(big, "wb") as f:
-        f.truncate(safeio.CONFIG_LIMIT + 1)  # sparse: no disk used
+        f.truncate((4 << 20) + 1)  # sparse: no disk used
     from edgecli.config import load_config
 
     with pytest.raises(ConfigError, match="over the 4 MiB limit"):
@@ -306,7 +304,7 @@ def test_4_size_limits_have_a_clear_message(tmp_path):
 
 @pytest.mark.parametrize("override", [
     "seed=-1", f"seed={2**63}", "data.preprocess.resize=[0,8]", "data.preprocess.resize=[8,-3]",
-    f"infer.threads={2**32 + 1}", ".".join(["a"] * 2000) + "=1",
+    f"infer.threads={2**32 + 1}", "model.args." + ".".join(["a"] * 2000) + "=1",
 ])
 def test_5_bad_config_values_are_config_errors(tmp_path, override):
     from edgecli.config import load_config
@@ -376,6 +374,38 @@ def test_5_cli_errors_are_one_line_never_a_traceback(tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_config("t", tmp_path / "a", infer={"input": str(m)}))
     r = edgecli("infer", "-c", str(cfg), str(tmp_path / "three.npy"), cwd=tmp_path)
     assert_user_error(r, 1, "error", "three.npy")
+
+
+def test_5_the_funnel_is_total_for_exceptions_no_table_row_knows(tmp_path, monkeypatch):
+    """An exception edgecli has no row for: one line naming the input while reading inputs, and one
+    `error: unexpected ...` line (exit 1) anywhere else; never a traceback."""
+    from typer.testing import CliRunner
+
+    import edgecli.config as config_mod
+    from edgecli.cli import app
+    from edgecli.inputs import reader_for
+
+    spec = {"kind": "table", "raw_shape": [4], "input_shape": [4]}
+    rd = reader_for({"kind": "table", "preprocess": spec}, [{"name": "x", "shape": [None, 4], "dtype": "float32"}])
+
+    def boom(*a, **k):
+        raise LookupError("a failure nobody foresaw")
+
+    monkeypatch.setattr(type(rd), "rows", boom)
+    s = rd.json_line('{"features": [1, 2, 3, 4]}', "line 9")
+    assert s.error == "line 9: cannot be read (LookupError: a failure nobody foresaw)"
+    cfg = write_config(tmp_path / "c.yaml", tiny_config("t", tmp_path / "a"))
+    monkeypatch.setattr(config_mod.PipelineConfig, "model_validate", boom)
+    r = CliRunner().invoke(app, ["validate", "-c", str(cfg)])
+    assert r.exit_code == 2 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert "Traceback" not in r.output and "config error:" in r.output and "LookupError" in r.output
+    monkeypatch.undo()
+    import edgecli.stages.export as export_mod
+
+    monkeypatch.setattr(export_mod, "run", boom)
+    r = CliRunner().invoke(app, ["export", "-c", str(cfg)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.exit_code, r.output)
+    assert "Traceback" not in r.output and "error: unexpected LookupError: a failure nobody foresaw" in r.output
 
 
 # --------------------------------------------------------------------------- 6. per-input isolation in infer
@@ -474,24 +504,34 @@ def test_7_newlines_in_input_names_cannot_forge_error_lines(tmp_path):
     assert not any(ln.startswith("error: forged") for ln in r.stderr.splitlines()), r.stderr
 
 
-def test_7_killed_runs_leave_nothing_in_tmp_and_the_worker_dies_with_its_parent(tmp_path, monkeypatch):
-    from edgecli import safeio
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has died
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+def test_7_killed_runs_leave_nothing_in_tmp_and_the_worker_dies_with_its_parent(tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    leftover = tmp_path / f"edgecli-bench-{pid}-abcd"
+    leftover = tmp / f"edgecli-bench-{pid}-abcd"  # what a SIGKILLed bench (pid now gone) left behind
     leftover.mkdir()
     (leftover / "spec0.json").write_text("{}")
-    foreign = tmp_path / "edgecli-notes"
+    foreign = tmp / "edgecli-notes"  # not named by edgecli's pattern: never touched
     foreign.mkdir()
-    with safeio.temp_dir("export") as d:
-        assert Path(d).parent == tmp_path
+    from edgecli.stages import export
+
+    cfg = _cfg(tmp_path, export={"input": str(_tiny_onnx(tmp_path / "ext.onnx")), "ort_format": False})
+    export.run(cfg, ArtifactStore.for_config(cfg), quiet=True)
     assert not leftover.exists() and foreign.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["edgecli-notes"]
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("edgecli-")] == ["edgecli-notes"]
     # the bench worker dies with the process that started it (SIGKILLed parents run no cleanup)
     m = _tiny_onnx(tmp_path / "m.onnx")
     spec = {"kind": "onnx", "model": str(m), "weights": str(m), "model_info": None, "providers": ["CPUExecutionProvider"],
@@ -510,12 +550,9 @@ def test_7_killed_runs_leave_nothing_in_tmp_and_the_worker_dies_with_its_parent(
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     t0 = time.time()
-    while time.time() - t0 < 20 and safeio._alive(wpid):
-        with open(f"/proc/{wpid}/stat") as f:
-            if f.read().split()[2] == "Z":
-                break
+    while time.time() - t0 < 20 and _alive(wpid):
         time.sleep(0.1)
-    alive = safeio._alive(wpid) and Path(f"/proc/{wpid}/stat").read_text().split()[2] != "Z"
+    alive = _alive(wpid)
     if alive:
         os.kill(wpid, signal.SIGKILL)
     assert not alive, "the bench worker outlived its killed parent"
