@@ -46,3 +46,30 @@ def build_model(arch: str, input_shape: list[int], num_classes: int, args: dict 
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{key}: cannot build '{arch}' for input {list(input_shape)}: {e}") from None
+
+
+def build_from_info(info: dict, key: str = "model"):
+    """The architecture a stage's ``model_info`` describes, including a norm-layer swap made at training.
+
+    DP training (``train.privacy.fix_batchnorm``) replaces BatchNorm by GroupNorm with Opacus'
+    ``ModuleValidator.fix``; the weights then only load into the same swapped architecture.
+    """
+    model = build_model(info["arch"], info["input_shape"], int(info["num_classes"]), info.get("args") or {}, key=key)
+    if info.get("norm_fix") == "batchnorm->groupnorm":
+        replace_batchnorm(model)
+    return model
+
+
+def replace_batchnorm(model):
+    """BatchNorm -> GroupNorm(gcd(32, C), C), in place: the rule of Opacus' ModuleValidator.fix (opacus 1.6
+    ``validators/batch_norm.py``), written out so compress/bench can rebuild the model without Opacus."""
+    import math
+
+    from torch import nn
+
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, nn.GroupNorm(math.gcd(32, child.num_features), child.num_features, affine=child.affine))
+        else:
+            replace_batchnorm(child)
+    return model

@@ -225,14 +225,14 @@ def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> t
     """Run prune/distill/sparsity in order; return (onnx path, step records, final model, notes)."""
     from edgecli.compression import TorchContext
     from edgecli.compression.quantize import time_p50
-    from edgecli.models import build_model
+    from edgecli.models import build_from_info
     from edgecli.training import load_weights_file
 
     man = store.manifest("train")
     info = man.get("model_info")
     if not info:
         raise ArtifactError("train manifest has no model_info; rerun `edgecli train -c <config> --force`")
-    model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args"))
+    model = build_from_info(info)
     model.load_state_dict(load_weights_file(store.require("train", "weights.safetensors")))
     model.eval()
     splits = data.splits
