@@ -74,7 +74,9 @@ class PrivacyConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping bound")
     fix_batchnorm: bool = Field(False, description="replace BatchNorm by GroupNorm (Opacus ModuleValidator.fix); "
                                 "BatchNorm mixes samples of a batch, which DP-SGD cannot bound")
-    accountant: Literal["prv", "rdp"] = "prv"
+    accountant: Literal["prv", "rdp"] = Field("prv", description="Opacus accountant: prv (tighter) or rdp")
+    secure_mode: bool = Field(False, description="noise from a cryptographically secure RNG (Opacus secure_mode); "
+                              "runs are then not repeatable from the seed")
 
     @model_validator(mode="after")
     def _one_noise(self):

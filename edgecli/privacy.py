@@ -51,16 +51,21 @@ def check_model(model, pcfg, arch: str):
         model = ModuleValidator.fix(model)
         model._edgecli_norm_fix = True  # recorded in model_info: compress/bench rebuild the same architecture
         notes.append(f"train.privacy.fix_batchnorm: replaced {len(bns)} BatchNorm layers by GroupNorm")
-    # Opacus' backward hooks forbid in-place ops on their outputs ("Output 0 of BackwardHookFunction is a
-    # view and is being modified inplace"): ReLU(inplace=True) after a hooked GroupNorm fails. Same weights.
-    for m in model.modules():
-        if getattr(m, "inplace", False) is True and isinstance(m, nn.Module) and not list(m.parameters()):
-            m.inplace = False
+    no_inplace(model)
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ConfigError(f"train.privacy: model '{arch}' has layers DP-SGD cannot train "
                           f"({type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:160]})")
     return model, notes
+
+
+def no_inplace(model) -> None:
+    """Turn off in-place activations: Opacus' backward hooks forbid in-place ops on their outputs
+    ("Output 0 of BackwardHookFunction is a view and is being modified inplace"), e.g. ReLU(inplace=True)
+    after a hooked layer. The weights and the exported graph are the same."""
+    for m in model.modules():
+        if getattr(m, "inplace", None) is True:
+            m.inplace = False
 
 
 class DPSGD:
@@ -78,10 +83,16 @@ class DPSGD:
 
         self.cfg = pcfg
         self.total_epochs = total_epochs
-        self.engine = PrivacyEngine(accountant=pcfg.accountant)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Secure RNG turned off": the README says what secure_mode is for
+            try:
+                self.engine = PrivacyEngine(accountant=pcfg.accountant, secure_mode=pcfg.secure_mode)
+            except ImportError:
+                raise ConfigError("train.privacy.secure_mode needs the torchcsprng package, which is not installed "
+                                  "(Opacus draws its secure noise from it)") from None
         self.noise_multiplier: float | None = pcfg.noise_multiplier
         self.sample_rate: float | None = None
-        self.noise_generator = noise_generator
+        self.noise_generator = None if pcfg.secure_mode else noise_generator
         self._loader = None
 
     def attach(self, model, optimizer, n: int, batch_size: int, epochs: int):
@@ -92,6 +103,7 @@ class DPSGD:
         if batch_size >= n:
             raise ConfigError(f"train.batch_size: {batch_size} is not below the {n} training samples; Poisson "
                               "sampling needs batch_size < samples for DP-SGD to amplify privacy")
+        no_inplace(model)
         # The loader yields sample *indices*: the loop slices its own arrays, Opacus only draws the batches.
         loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size)
         self.sample_rate = 1 / len(loader)
@@ -118,7 +130,8 @@ class DPSGD:
     def batches(self, generator):
         """One epoch of Poisson-sampled index batches (Opacus' UniformWithReplacementSampler)."""
         sampler = self._loader.batch_sampler
-        sampler.generator = generator  # seeded per epoch by the loop: repeatable, and the same after --resume
+        if not self.cfg.secure_mode:  # secure_mode keeps Opacus' CSPRNG for the sampling too
+            sampler.generator = generator  # seeded per epoch by the loop: repeatable, and the same after --resume
         for idx in sampler:
             yield np.asarray(idx, dtype=np.int64)
 
