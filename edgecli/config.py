@@ -74,6 +74,8 @@ class PrivacyConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping bound")
     fix_batchnorm: bool = Field(False, description="replace BatchNorm by GroupNorm (Opacus ModuleValidator.fix); "
                                 "BatchNorm mixes samples of a batch, which DP-SGD cannot bound")
+    norm_groups: int | None = Field(None, ge=1, description="fix_batchnorm: GroupNorm groups (default Opacus': "
+                                    "gcd(32, channels), one channel per group below 32 channels)")
     accountant: Literal["prv", "rdp"] = Field("prv", description="Opacus accountant: prv (tighter) or rdp")
     secure_mode: bool = Field(False, description="noise from a cryptographically secure RNG (Opacus secure_mode); "
                               "runs are then not repeatable from the seed")

@@ -199,10 +199,10 @@ class LocalGrid:
     """An in-process ``flwr.serverapp.Grid``: each node is a ClientApp with its own persistent Context.
 
     Every message and reply goes through Flower's protobuf serde (what the deployment engine sends
-    over gRPC). ``replies`` keeps every reply that crossed, by round, for inspection (tests assert on it).
+    over gRPC). A ClientApp that raises becomes an error reply (as in Flower's simulation engine).
     """
 
-    def __init__(self, client_app, node_configs: list[dict], run_config: dict, *, min_replies: int, log=None):
+    def __init__(self, client_app, node_configs: list[dict], run_config: dict):
         from flwr.app import Context, RecordDict
         from flwr.serverapp import Grid
 
@@ -213,14 +213,8 @@ class LocalGrid:
         self.contexts = {nid: Context(run_id=1, node_id=nid, node_config=dict(nc), state=RecordDict(),
                                       run_config=dict(run_config))
                          for nid, nc in zip(self.node_ids, node_configs, strict=True)}
-        self.min_replies = min_replies
-        self.log = log or (lambda s: None)
-        self.replies: dict[int, list] = {}
-        self.failures: dict[int, dict[int, str]] = {}
-        self._round = 0
         self._run = None
 
-    # Grid API -----------------------------------------------------------------------------
     def set_run(self, run) -> None:
         self._run = run
 
@@ -243,39 +237,77 @@ class LocalGrid:
         raise NotImplementedError("LocalGrid delivers synchronously: use send_and_receive")
 
     def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message, MessageType
+        from flwr.app import Error, Message
         from flwr.common.constant import ErrorCode
 
-        messages = list(messages)
         out = []
-        is_train = bool(messages) and messages[0].metadata.message_type.startswith(MessageType.TRAIN)
-        failed: dict[int, str] = {}
         for msg in messages:
             msg = _wire(msg, src=1)
             nid = msg.metadata.dst_node_id
             try:
                 reply = self.client_app(msg, self.contexts[nid])
-            except Exception as e:  # reported as an error reply, exactly as Flower's simulation engine does
-                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-                failed[self.partition[nid]] = reason
-                self.log(f"client {self.partition[nid]} failed: {reason}")
+            except Exception as e:  # an error reply, as Flower's simulation engine makes (vce_api.worker)
                 logging.getLogger("edgecli.federated").debug("client %s traceback:\n%s", self.partition[nid],
                                                              traceback.format_exc())
+                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
             out.append(_wire(reply, src=nid))
-        if is_train:
-            self._round += 1
-            self.replies[self._round] = [r for r in out if not r.has_error()]
-            self.failures[self._round] = failed
-            ok = len(self.replies[self._round])
-            if ok < self.min_replies:
-                who = "; ".join(f"client {k}: {v}" for k, v in sorted(failed.items()))
-                raise FederatedRoundFailed(
-                    f"federated round {self._round}: {ok} of {len(messages)} sampled clients returned an update, "
-                    f"fewer than train.federated.min_available_clients={self.min_replies} ({who}); nothing was published",
-                    hint="fix the failing client, or lower train.federated.min_available_clients to let rounds "
-                         "continue without it")
         return out
+
+
+class RoundKeeper:
+    """Wraps a Grid (the in-process one, or Flower's deployment Grid): keeps each training round's
+    replies, names the clients that failed, and stops the run when fewer than ``min_replies`` answered."""
+
+    def __init__(self, grid, min_replies: int, *, names: dict | None = None, log=None):
+        self.grid = grid
+        self.min_replies = min_replies
+        self.names = names or {}
+        self.log = log or (lambda s: None)
+        self.replies: dict[int, list] = {}
+        self.failures: dict[int, dict] = {}
+        self._round = 0
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import MessageType
+
+        messages = list(messages)
+        out = list(self.grid.send_and_receive(messages, timeout=timeout))
+        if not messages or not messages[0].metadata.message_type.startswith(MessageType.TRAIN):
+            return out
+        self._round += 1
+        ok = [r for r in out if not r.has_error()]
+        failed = {self.names.get(r.metadata.src_node_id, r.metadata.src_node_id): _reason(r.error.reason)
+                  for r in out if r.has_error()}
+        answered = {r.metadata.src_node_id for r in out}
+        for m in messages:  # no reply within the timeout (a device that went away)
+            if m.metadata.dst_node_id not in answered:
+                failed[self.names.get(m.metadata.dst_node_id, m.metadata.dst_node_id)] = "no reply before the timeout"
+        for k, v in sorted(failed.items()):
+            self.log(f"round {self._round}: client {k} failed: {v}")
+        self.replies[self._round], self.failures[self._round] = ok, failed
+        if len(ok) < self.min_replies:
+            who = "; ".join(f"client {k}: {v}" for k, v in sorted(failed.items()))
+            raise FederatedRoundFailed(
+                f"federated round {self._round}: {len(ok)} of {len(messages)} sampled clients returned an update, "
+                f"fewer than train.federated.min_available_clients={self.min_replies} ({who}); nothing was published",
+                hint="fix the failing client, or lower train.federated.min_available_clients to let rounds "
+                     "continue without it")
+        return out
+
+
+def _reason(text: str) -> str:
+    """Flower's error reason reads "<class 'X'>:<'message'>"; edgecli's in-process one is already 'X: message'."""
+    import re
+
+    m = re.match(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>$", text or "", re.S)
+    return f"{m.group(1)}: {m.group(2).splitlines()[0][:200]}" if m else (text or "").splitlines()[0][:200]
 
 
 class FederatedRoundFailed(CheckFailed):
@@ -310,16 +342,41 @@ class FederatedResult:
 
 
 def run_federated(cfg, splits, *, config_path: str, overrides: list[str], quiet: bool = False,
-                  client_app=None) -> tuple[FederatedResult, LocalGrid]:
+                  client_app=None) -> tuple[FederatedResult, RoundKeeper]:
     """Simulate ``train.federated`` on this machine; return the best-validation global model.
 
     ``client_app`` replaces the ClientApp (tests use one that fails on purpose).
     """
+    require_flower()
+    fed = cfg.train.federated
+    parts = partition(splits.train.y, fed.clients, fed.partition, fed.alpha, cfg.seed)
+    run_config = {"edgecli-config": str(config_path), "edgecli-set": json.dumps(list(overrides))}
+    for pid, idx in enumerate(parts):
+        _ENVS[(run_config["edgecli-config"], run_config["edgecli-set"], pid)] = _shard_env(cfg, splits, idx)
+    local = LocalGrid(client_app or make_client_app(),
+                      [{"partition-id": i, "num-partitions": fed.clients} for i in range(fed.clients)], run_config)
+    import torch
+
+    # One thread per client, as Flower's simulation engine gives each ClientApp (client_resources
+    # num_cpus=1): on a busy 2-vCPU machine a 32-sample CNN step took 940 ms with 2 threads, 40 ms with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return serve(cfg, splits, local, quiet=quiet, names=local.partition)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def require_flower() -> None:
     try:
         import flwr  # noqa: F401
     except ImportError:
         raise ConfigError("train.federated needs Flower, which is not installed",
                           hint="pip install -e '.[privacy]' (make install installs it)") from None
+
+
+def serve(cfg, splits, grid, *, quiet: bool = False, names: dict | None = None) -> tuple[FederatedResult, RoundKeeper]:
+    """The server side on any Grid: Flower's strategy runs the rounds, edgecli validates after each."""
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
     from flwr.serverapp.strategy import FedAvg, FedProx
 
@@ -329,21 +386,14 @@ def run_federated(cfg, splits, *, config_path: str, overrides: list[str], quiet:
     seed_everything(cfg.seed, cfg.train.deterministic)  # Flower samples clients with Python's `random`
     _quiet_flower()
     num_classes = cfg.model.num_classes or splits.num_classes
-    parts = partition(splits.train.y, fed.clients, fed.partition, fed.alpha, cfg.seed)
-    run_config = {"edgecli-config": str(config_path), "edgecli-set": json.dumps(list(overrides))}
-    for pid, idx in enumerate(parts):
-        _ENVS[(run_config["edgecli-config"], run_config["edgecli-set"], pid)] = _shard_env(cfg, splits, idx)
     server_model = build_client_model(cfg, list(splits.spec.input_shape), num_classes)
     sampled = min(fed.clients, fed.sampled)
     need = fed.min_available_clients or sampled
     if need > sampled:
         raise ConfigError(f"train.federated.min_available_clients: {need} but only {sampled} clients are sampled "
                           f"per round (clients {fed.clients} x fraction_fit {fed.fraction_fit})")
-    show = not quiet
-    log = (lambda s: print(f"federated {cfg.name}: {s}", file=sys.stderr, flush=True)) if show else (lambda s: None)
-    grid = LocalGrid(client_app or make_client_app(),
-                     [{"partition-id": i, "num-partitions": fed.clients} for i in range(fed.clients)],
-                     run_config, min_replies=need, log=log)
+    log = (lambda s: print(f"federated {cfg.name}: {s}", file=sys.stderr, flush=True)) if not quiet else (lambda s: None)
+    grid = RoundKeeper(grid, need, names=names, log=log)
     common = dict(fraction_train=fed.fraction_fit, fraction_evaluate=0.0, min_train_nodes=sampled,
                   min_available_nodes=fed.clients)
     strategy = FedProx(proximal_mu=fed.proximal_mu, **common) if fed.strategy == "fedprox" else FedAvg(**common)
@@ -358,8 +408,6 @@ def run_federated(cfg, splits, *, config_path: str, overrides: list[str], quiet:
         acc = float(m["accuracy"])
         if server_round == 0:
             return MetricRecord({"val_accuracy": acc})
-        if not math.isfinite(acc):
-            raise CheckFailed(f"federated round {server_round}: the global model's validation accuracy is not finite")
         replies = grid.replies.get(server_round, [])
         eps = [float(r.content["metrics"]["epsilon"]) for r in replies if "epsilon" in r.content["metrics"]]
         losses = [(float(r.content["metrics"]["train_loss"]), float(r.content["metrics"]["num-examples"])) for r in replies]
@@ -380,21 +428,11 @@ def run_federated(cfg, splits, *, config_path: str, overrides: list[str], quiet:
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
 
-    # what Flower's ServerApp runtime sets before a strategy builds its messages (run_serverapp.py)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    if isinstance(grid.grid, LocalGrid):  # what Flower's ServerApp runtime sets before a strategy builds messages
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
     initial = ArrayRecord(torch_state_dict={k: v.detach().clone() for k, v in server_model.state_dict().items()})
-    train_config = ConfigRecord({"lr": float(cfg.train.lr)})
-    import torch
-
-    # One thread per client, as Flower's simulation engine gives each ClientApp (client_resources
-    # num_cpus=1): on a busy 2-vCPU machine a 32-sample CNN step took 940 ms with 2 threads, 40 ms with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.rounds, train_config=train_config,
-                       evaluate_fn=evaluate_fn)
-    finally:
-        torch.set_num_threads(threads)
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=fed.rounds,
+                   train_config=ConfigRecord({"lr": float(cfg.train.lr)}), evaluate_fn=evaluate_fn)
     if best["state"] is None:
         raise DataError("federated training produced no global model")
     server_model.load_state_dict(best["state"])
@@ -409,3 +447,40 @@ def _quiet_flower() -> None:
     lg = logging.getLogger("flwr")
     if lg.level < logging.WARNING and not logging.getLogger().isEnabledFor(logging.DEBUG):
         lg.setLevel(logging.ERROR)
+
+
+# --------------------------------------------------------------------------- Flower's deployment engine
+
+
+def server_main(grid, context) -> None:
+    """The ServerApp's main on a SuperLink: the same train stage, its clients the connected SuperNodes.
+
+    Run config: ``edgecli-config`` (path of the pipeline YAML on the SuperLink machine) and
+    ``edgecli-set`` (a JSON list of --set items). Publishes ``<artifacts_dir>/<name>/train`` there.
+    """
+    from edgecli.artifacts import ArtifactStore
+    from edgecli.config import load_config
+    from edgecli.stages import train
+
+    overrides = json.loads(str(context.run_config.get("edgecli-set", "") or "[]"))
+    cfg = load_config(str(context.run_config["edgecli-config"]), overrides)
+    if cfg.train.federated is None:
+        raise ConfigError(f"{cfg.source}: train.federated is not set; nothing to run on Flower")
+    res = train.run(cfg, ArtifactStore(cfg.artifacts_dir, cfg.name), force=True, grid=grid)
+    print(f"train {res.status}: {res.dir} (test accuracy {res.metrics.get('test_accuracy')})", file=sys.stderr)
+
+
+def _apps():
+    from flwr.serverapp import ServerApp
+
+    server = ServerApp()
+    server.main()(server_main)
+    return server, make_client_app()
+
+
+def __getattr__(name):  # flwr loads "edgecli.federated:server_app" / ":client_app"; built on first use
+    if name in ("server_app", "client_app"):
+        server, client = _apps()
+        globals().update(server_app=server, client_app=client)
+        return globals()[name]
+    raise AttributeError(name)

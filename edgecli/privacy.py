@@ -48,8 +48,17 @@ def check_model(model, pcfg, arch: str):
             raise ConfigError(f"train.privacy: model '{arch}' has BatchNorm layers ({shown}), which mix the "
                               "samples of a batch so DP-SGD cannot bound them; set train.privacy.fix_batchnorm: "
                               "true (BatchNorm -> GroupNorm) or use a model without BatchNorm")
-        model = ModuleValidator.fix(model)
-        model._edgecli_norm_fix = True  # recorded in model_info: compress/bench rebuild the same architecture
+        if pcfg.norm_groups:
+            bad = [n for n, m in model.named_modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_features % pcfg.norm_groups]
+            if bad:
+                raise ConfigError(f"train.privacy.norm_groups: {pcfg.norm_groups} does not divide the channels of "
+                                  f"{bad[0]} ({dict(model.named_modules())[bad[0]].num_features})")
+            model = ModuleValidator.fix(model, num_groups=pcfg.norm_groups)
+        else:
+            model = ModuleValidator.fix(model)
+        # recorded in model_info: compress/bench rebuild the same architecture
+        model._edgecli_norm_fix = pcfg.norm_groups or True
         notes.append(f"train.privacy.fix_batchnorm: replaced {len(bns)} BatchNorm layers by GroupNorm")
     no_inplace(model)
     errors = ModuleValidator.validate(model, strict=False)

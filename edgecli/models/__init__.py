@@ -56,11 +56,11 @@ def build_from_info(info: dict, key: str = "model"):
     """
     model = build_model(info["arch"], info["input_shape"], int(info["num_classes"]), info.get("args") or {}, key=key)
     if info.get("norm_fix") == "batchnorm->groupnorm":
-        replace_batchnorm(model)
+        replace_batchnorm(model, info.get("norm_groups"))
     return model
 
 
-def replace_batchnorm(model):
+def replace_batchnorm(model, groups: int | None = None):
     """BatchNorm -> GroupNorm(gcd(32, C), C), in place: the rule of Opacus' ModuleValidator.fix (opacus 1.6
     ``validators/batch_norm.py``), written out so compress/bench can rebuild the model without Opacus."""
     import math
@@ -69,7 +69,8 @@ def replace_batchnorm(model):
 
     for name, child in list(model.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(model, name, nn.GroupNorm(math.gcd(32, child.num_features), child.num_features, affine=child.affine))
+            g = groups or math.gcd(32, child.num_features)
+            setattr(model, name, nn.GroupNorm(g, child.num_features, affine=child.affine))
         else:
-            replace_batchnorm(child)
+            replace_batchnorm(child, groups)
     return model

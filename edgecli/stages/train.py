@@ -49,8 +49,16 @@ def model_info(cfg: PipelineConfig, splits, num_classes: int, model) -> dict:
         "input_names": input_names,
         "output_names": output_names,
         "preprocess": splits.spec.to_dict(),
-        **({"norm_fix": "batchnorm->groupnorm"} if getattr(model, "_edgecli_norm_fix", False) else {}),
+        **_norm_fix(model),
     }
+
+
+def _norm_fix(model) -> dict:
+    """model_info keys that let compress/bench rebuild a DP model whose BatchNorm became GroupNorm."""
+    fix = getattr(model, "_edgecli_norm_fix", None)
+    if not fix:
+        return {}
+    return {"norm_fix": "batchnorm->groupnorm", **({"norm_groups": int(fix)} if fix is not True else {})}
 
 
 def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: bool, checkpoint: Path | None,
@@ -101,14 +109,16 @@ def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: boo
     return model, res, notes
 
 
-def train_federated(cfg: PipelineConfig, splits, *, quiet: bool, resume: bool):
+def train_federated(cfg: PipelineConfig, splits, *, quiet: bool, resume: bool, grid=None):
     """train.federated: Flower aggregates, each client runs edgecli's loop; the best-validation global model."""
-    from edgecli.federated import run_federated
+    from edgecli.federated import run_federated, serve
     from edgecli.training import FitResult
 
     notes = ["--resume does not apply to federated training; all rounds were run"] if resume else []
-    res, _ = run_federated(cfg, splits, config_path=cfg.source, overrides=list(cfg._overrides),
-                           quiet=quiet)
+    if grid is None:
+        res, _ = run_federated(cfg, splits, config_path=cfg.source, overrides=list(cfg._overrides), quiet=quiet)
+    else:
+        res, _ = serve(cfg, splits, grid, quiet=quiet)
     fed = cfg.train.federated
     history = [dict(r, epoch=r["round"]) for r in res.rounds]
     fit = FitResult(res.best_val_accuracy, res.best_round, len(res.rounds), False, None, history, res.seconds)
@@ -175,7 +185,9 @@ def _metrics(model, splits, num_classes):
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resume: bool = False,
-        quiet: bool = False) -> StageResult:
+        quiet: bool = False, grid=None) -> StageResult:
+    """``grid``: a Flower Grid for train.federated under Flower's deployment engine (edgecli.federated.server_app);
+    without it the clients are simulated on this machine."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         return _run_distributed(cfg, store, force=force, resume=resume, quiet=quiet)
     from edgecli.data import load_splits
@@ -195,7 +207,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
             state.setdefault("notes", []).append(f"train.amp={cfg.train.amp} applies on CUDA only; "
                                                  f"trained in float32 on {device}")
         if cfg.train.federated is not None:
-            model, fitres, notes = train_federated(cfg, splits, quiet=quiet, resume=resume)
+            model, fitres, notes = train_federated(cfg, splits, quiet=quiet, resume=resume, grid=grid)
         else:
             model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt, fp=fp,
                                                        device=device)
