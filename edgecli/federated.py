@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 import traceback
@@ -93,22 +94,29 @@ def _client_env(context) -> ClientEnv:
 
     Under the simulation the server registers the environments before the first round; on a
     SuperNode (deployment engine) the client loads the config itself and takes shard
-    ``partition-id`` of the same seeded partition (a real device would point ``data.path`` at
-    its own data through ``--set``).
+    ``partition-id`` of the same seeded partition, or, with ``data-path`` in its node config, the
+    training split of its own data at that path (``data.path``; the config's dataset type).
     """
     pid = int(context.node_config["partition-id"])
-    key = (str(context.run_config.get("edgecli-config", "")), str(context.run_config.get("edgecli-set", "")), pid)
-    env = _ENVS.get(key)
+    own = str(context.node_config.get("data-path", ""))
+    key = (str(context.run_config.get("edgecli-config", "")), str(context.run_config.get("edgecli-set", "")), pid, own)
+    env = _ENVS.get(key[:3]) if not own else None
+    env = env or _ENVS.get(key)
     if env is None:
         from edgecli.config import load_config
         from edgecli.data import load_splits
 
-        overrides = json.loads(str(context.run_config.get("edgecli-set", "") or "[]"))
+        overrides = shlex.split(str(context.run_config.get("edgecli-set", "")))
+        if own:  # a device with its own data: its whole training split is its shard
+            overrides.append(f"data.path={own}")
         cfg = load_config(str(context.run_config["edgecli-config"]), overrides)
         splits = load_splits(cfg)
-        fed = cfg.train.federated
-        parts = partition(splits.train.y, fed.clients, fed.partition, fed.alpha, cfg.seed)
-        env = _shard_env(cfg, splits, parts[pid])
+        if own:
+            idx = np.arange(len(splits.train.y))
+        else:
+            fed = cfg.train.federated
+            idx = partition(splits.train.y, fed.clients, fed.partition, fed.alpha, cfg.seed)[pid]
+        env = _shard_env(cfg, splits, idx)
         _ENVS[key] = env
     return env
 
@@ -350,7 +358,7 @@ def run_federated(cfg, splits, *, config_path: str, overrides: list[str], quiet:
     require_flower()
     fed = cfg.train.federated
     parts = partition(splits.train.y, fed.clients, fed.partition, fed.alpha, cfg.seed)
-    run_config = {"edgecli-config": str(config_path), "edgecli-set": json.dumps(list(overrides))}
+    run_config = {"edgecli-config": str(config_path), "edgecli-set": shlex.join(overrides)}
     for pid, idx in enumerate(parts):
         _ENVS[(run_config["edgecli-config"], run_config["edgecli-set"], pid)] = _shard_env(cfg, splits, idx)
     local = LocalGrid(client_app or make_client_app(),
@@ -456,31 +464,16 @@ def server_main(grid, context) -> None:
     """The ServerApp's main on a SuperLink: the same train stage, its clients the connected SuperNodes.
 
     Run config: ``edgecli-config`` (path of the pipeline YAML on the SuperLink machine) and
-    ``edgecli-set`` (a JSON list of --set items). Publishes ``<artifacts_dir>/<name>/train`` there.
+    ``edgecli-set`` (--set items separated by spaces, shell-quoted). Publishes ``<artifacts_dir>/<name>/train`` there.
     """
     from edgecli.artifacts import ArtifactStore
     from edgecli.config import load_config
     from edgecli.stages import train
 
-    overrides = json.loads(str(context.run_config.get("edgecli-set", "") or "[]"))
+    overrides = shlex.split(str(context.run_config.get("edgecli-set", "")))
     cfg = load_config(str(context.run_config["edgecli-config"]), overrides)
     if cfg.train.federated is None:
         raise ConfigError(f"{cfg.source}: train.federated is not set; nothing to run on Flower")
     res = train.run(cfg, ArtifactStore(cfg.artifacts_dir, cfg.name), force=True, grid=grid)
     print(f"train {res.status}: {res.dir} (test accuracy {res.metrics.get('test_accuracy')})", file=sys.stderr)
 
-
-def _apps():
-    from flwr.serverapp import ServerApp
-
-    server = ServerApp()
-    server.main()(server_main)
-    return server, make_client_app()
-
-
-def __getattr__(name):  # flwr loads "edgecli.federated:server_app" / ":client_app"; built on first use
-    if name in ("server_app", "client_app"):
-        server, client = _apps()
-        globals().update(server_app=server, client_app=client)
-        return globals()[name]
-    raise AttributeError(name)

@@ -274,3 +274,27 @@ def test_dirichlet_partition_covers_every_sample_once_with_label_skew():
     assert np.mean(top) > 0.3
     iid = partition(y, 10, "iid", 0.5, seed=0)
     assert max(np.bincount(y[p], minlength=10).max() / len(p) for p in iid) < 0.25
+
+
+def test_a_supernode_with_its_own_data_trains_on_all_of_it(tmp_path):
+    """Deployment: node config ``data-path`` replaces the seeded shard with the device's own dataset."""
+    from flwr.app import Context, RecordDict
+    from sklearn.datasets import load_digits
+
+    from edgecli.federated import _client_env
+
+    d = load_digits()
+    for name, sl in (("server", slice(0, 600)), ("device", slice(600, 800))):
+        x = np.round(d.images[sl] * 255 / 16).astype(np.uint8)
+        np.savez(tmp_path / f"{name}.npz", x=x, y=d.target[sl])
+    cfg = tiny_config("own", tmp_path / "artifacts", model=MODEL,
+                      data={"dataset": "npz", "path": str(tmp_path / "server.npz"), "val_split": 0.2, "test_split": 0.2})
+    cfg["train"] = {"epochs": 1, "federated": {"clients": 4, "rounds": 1}}
+    path = write_config(tmp_path / "own.yaml", cfg)
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "data-path": str(tmp_path / "device.npz")},
+                  state=RecordDict(), run_config={"edgecli-config": str(path), "edgecli-set": ""})
+    env = _client_env(ctx)
+    assert len(env.y) == 120  # the device's 200 samples minus its 20% val and 20% test splits
+    ctx = Context(run_id=1, node_id=8, node_config={"partition-id": 2}, state=RecordDict(),
+                  run_config={"edgecli-config": str(path), "edgecli-set": ""})
+    assert len(_client_env(ctx).y) == 90  # shard 2 of 4 of the server config's 360 training samples
