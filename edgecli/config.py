@@ -66,6 +66,59 @@ class EarlyStoppingConfig(_Strict):
     min_delta: float = Field(0.0, ge=0.0)
 
 
+class PrivacyConfig(_Strict):
+    """DP-SGD through Opacus: per-sample clipping + Gaussian noise, Poisson sampling, privacy accountant."""
+
+    target_epsilon: float | None = Field(None, gt=0, description="the noise is chosen so training spends at most this ε")
+    noise_multiplier: float | None = Field(None, gt=0, description="instead of target_epsilon: a fixed noise multiplier")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee; well below 1/training-set size")
+    max_grad_norm: float = Field(1.0, gt=0, description="per-sample gradient clipping bound")
+    fix_batchnorm: bool = Field(False, description="replace BatchNorm by GroupNorm (Opacus ModuleValidator.fix); "
+                                "BatchNorm mixes samples of a batch, which DP-SGD cannot bound")
+    norm_groups: int | None = Field(None, ge=1, description="fix_batchnorm: GroupNorm groups (default Opacus': "
+                                    "gcd(32, channels), one channel per group below 32 channels)")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="Opacus accountant: prv (tighter) or rdp")
+    secure_mode: bool = Field(False, description="noise from a cryptographically secure RNG (Opacus secure_mode); "
+                              "runs are then not repeatable from the seed")
+
+    @model_validator(mode="after")
+    def _one_noise(self):
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+        return self
+
+
+class FederatedConfig(_Strict):
+    """Federated training on Flower: clients train on their own shard, only parameters travel."""
+
+    clients: int = Field(10, ge=1, le=1000, description="simulated clients the training split is partitioned across")
+    rounds: int = Field(20, ge=1)
+    local_epochs: int = Field(1, ge=1, description="epochs each client trains on its shard per round")
+    fraction_fit: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round")
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="dirichlet: concentration; smaller is more label skew")
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.0, ge=0, description="fedprox: weight of the proximal term (mu/2)||w - w_global||^2")
+    min_available_clients: int | None = Field(
+        None, ge=1, description="a round needs this many client updates; fewer (crashed clients) stops the run. "
+        "Default: the number sampled each round")
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if self.min_available_clients is not None and self.min_available_clients > self.clients:
+            raise ValueError(f"min_available_clients ({self.min_available_clients}) is more than clients ({self.clients})")
+        if self.strategy == "fedprox" and self.proximal_mu == 0:
+            raise ValueError("strategy fedprox needs proximal_mu > 0 (0 is plain fedavg)")
+        if self.strategy == "fedavg" and self.proximal_mu:
+            raise ValueError("proximal_mu applies to strategy fedprox only")
+        return self
+
+    @property
+    def sampled(self) -> int:
+        """Clients sampled per round (Flower's FedAvg: int(clients * fraction_fit), at least min_train_nodes)."""
+        return max(1, int(self.clients * self.fraction_fit), self.min_available_clients or 1)
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(20, ge=0, description="0: export the (pretrained) model as built, without fitting")
     batch_size: int = Field(64, ge=1, description="global batch size (split across ranks under torchrun)")
@@ -86,6 +139,8 @@ class TrainConfig(_Strict):
     opset: int = Field(17, ge=17, le=23)
     parity_atol: float = Field(1e-4, gt=0)
     dist_timeout_s: int = Field(300, ge=10, description="torchrun: seconds before a stuck rank ends the run")
+    privacy: PrivacyConfig | None = Field(None, description="differentially private training (Opacus DP-SGD)")
+    federated: FederatedConfig | None = Field(None, description="federated training on Flower (simulated clients)")
 
     @field_validator("device")
     @classmethod
@@ -94,6 +149,19 @@ class TrainConfig(_Strict):
         if not ok:
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
+
+    @model_validator(mode="after")
+    def _privacy_rules(self):
+        if self.privacy is not None:
+            if self.amp != "none":
+                raise ValueError("privacy: DP-SGD runs in float32; set train.amp: none")
+            if self.max_grad_norm is not None:
+                raise ValueError("privacy: clipping is per sample under DP-SGD (train.privacy.max_grad_norm); "
+                                 "remove train.max_grad_norm")
+            if self.class_weights != "none":
+                raise ValueError("privacy: class_weights are computed from the training labels, which DP-SGD "
+                                 "does not cover; remove train.class_weights")
+        return self
 
 
 class CalibrationConfig(_Strict):
@@ -250,6 +318,7 @@ class PipelineConfig(_Strict):
     # where the config came from (not part of the schema)
     _source: str = "<config>"
     _base_dir: Path = Path(".")
+    _overrides: tuple = ()  # the --set items, so a federated client on another machine can load the same config
 
     @property
     def source(self) -> str:
@@ -538,6 +607,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Pipel
         raise ConfigError(f"{path}: cannot be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})") from None
     cfg._source = str(path)
     cfg._base_dir = path.parent
+    cfg._overrides = tuple(overrides)
     return cfg
 
 

@@ -242,6 +242,8 @@ class FitResult:
     resumed_from_epoch: int | None
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    privacy: dict | None = None  # DP-SGD: ε spent, δ, noise, clipping (edgecli.privacy.DPSGD.summary)
+    federated: dict | None = None  # federated training: clients, rounds, per-round records
 
 
 class TrainingDiverged(CheckFailed):
@@ -313,12 +315,18 @@ def fit(
     quiet: bool = False,
     device: torch.device | None = None,
     dist: Dist | None = None,
+    private=None,
 ) -> FitResult:
     """Train ``model`` in place and leave it holding the best validation weights.
 
     ``tcfg`` is a TrainConfig (optimizer, schedule, early stopping, ...); ``epochs``/``lr``
     override it (fine-tuning). Checkpoints go to ``checkpoint`` after every epoch, atomically;
     ``resume`` continues from it when its fingerprint matches.
+
+    ``val_x=None`` trains without validation and keeps the last epoch (a federated client has no
+    held-out split of its own). ``private`` (an ``edgecli.privacy.DPSGD``) makes the step DP-SGD:
+    it wraps the model and optimizer with Opacus, draws Poisson-sampled batches and adds the ε
+    spent to each epoch's history.
     """
     dist = dist or Dist()
     device = device or torch.device("cpu")
@@ -331,6 +339,12 @@ def fit(
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
     n = len(train_y)
+    net = model
+    if private is not None:
+        if dist.enabled:
+            raise ConfigError("train.privacy: DP-SGD under torchrun is not supported; run `edgecli train` "
+                              "as one process (or use train.federated with privacy)")
+        net, opt = private.attach(model, opt, n, tcfg.batch_size, epochs)
     per_rank_batch = max(1, tcfg.batch_size // dist.world)
     steps_per_epoch = max(1, math.ceil(n / (per_rank_batch * dist.world)))
     total_steps = max(1, epochs * steps_per_epoch)
@@ -363,12 +377,13 @@ def fit(
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"])
+        if private is not None:
+            private.load_state_dict(ck.get("privacy") or {})
         start_epoch, best_acc, best_epoch = int(ck["epoch"]) + 1, float(ck["best_val"]), int(ck["best_epoch"])
         best_state = ck.get("best_state")
         history = list(ck.get("history", []))
         resumed = start_epoch
 
-    net = model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -385,13 +400,18 @@ def fit(
         for epoch in range(start_epoch, epochs):
             net.train()
             g = torch.Generator().manual_seed(seed * 1000 + epoch)  # same order after --resume
-            order = torch.randperm(n, generator=g).numpy()
-            if dist.enabled:  # DistributedSampler semantics: pad, then stride by rank
-                pad = (-len(order)) % dist.world
-                order = np.concatenate([order, order[:pad]])[dist.rank :: dist.world]
+            if private is not None:
+                batches = private.batches(g)  # Poisson: each sample in each step with probability batch/n
+            else:
+                order = torch.randperm(n, generator=g).numpy()
+                if dist.enabled:  # DistributedSampler semantics: pad, then stride by rank
+                    pad = (-len(order)) % dist.world
+                    order = np.concatenate([order, order[:pad]])[dist.rank :: dist.world]
+                batches = (order[i : i + per_rank_batch] for i in range(0, len(order), per_rank_batch))
             tot_loss, tot_n = 0.0, 0
-            for step, i in enumerate(range(0, len(order), per_rank_batch)):
-                idx = order[i : i + per_rank_batch]
+            for step, idx in enumerate(batches):
+                if len(idx) == 0:  # a Poisson draw can be empty (p = (1-q)^n, ~1e-18 at q=0.33, n=100): no step
+                    continue
                 xb = _batches(train_x, idx)
                 xb = {k: v.to(device) for k, v in xb.items()} if isinstance(xb, dict) else xb.to(device)
                 yb = torch.as_tensor(train_y[idx]).to(device)
@@ -412,7 +432,7 @@ def fit(
                     scaler.unscale_(opt)
                 else:
                     loss.backward()
-                if tcfg.max_grad_norm:
+                if tcfg.max_grad_norm and private is None:  # DP-SGD clips per sample in its optimizer
                     torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
                 if scaler:
                     scaler.step(opt)
@@ -423,15 +443,20 @@ def fit(
                 tot_loss += loss.item() * len(idx)
                 tot_n += len(idx)
             train_loss = _reduce_mean(tot_loss, tot_n, device, dist)
-            if dist.enabled:
+            if val_x is None:
+                val_acc = float("nan")
+            elif dist.enabled:
                 val_acc = _distributed_accuracy(model, val_x, val_y, device, dist)
             else:
                 val_metrics, _ = evaluate(model, val_x, val_y, num_classes, device=device)
                 val_acc = val_metrics["accuracy"]
-            history.append({"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_accuracy": round(val_acc, 5),
-                            "lr": opt.param_groups[0]["lr"]})
+            rec = {"epoch": epoch + 1, "train_loss": round(train_loss, 5),
+                   "val_accuracy": None if val_x is None else round(val_acc, 5), "lr": opt.param_groups[0]["lr"]}
+            if private is not None:
+                rec.update(private.spent())
+            history.append(rec)
             improved = val_acc > best_acc + min_delta
-            if improved or best_state is None:
+            if improved or best_state is None or val_x is None:
                 best_acc, best_epoch = max(val_acc, best_acc), epoch
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             if checkpoint is not None and dist.is_main:
@@ -439,11 +464,15 @@ def fit(
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "rng": torch.get_rng_state(), "epoch": epoch, "best_val": best_acc, "best_epoch": best_epoch,
                     "best_state": best_state, "history": history, "fingerprint": fingerprint,
+                    "privacy": private.state_dict() if private is not None else None,
                 })
-            prog.update(epoch + 1, train_loss, val_acc, best_acc)
+            prog.update(epoch + 1, train_loss, val_acc, best_acc,
+                        f"  ε {rec['epsilon']:.2f}" if "epsilon" in rec else "")
             if patience is not None and epoch - best_epoch >= patience:
                 stopped = True
                 break
+    if private is not None:
+        private.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     return FitResult(best_acc, best_epoch + 1, epoch + 1, stopped, resumed, history, time.time() - t0)
@@ -504,11 +533,11 @@ class _Progress:
         if self.bar:
             self.bar.stop()
 
-    def update(self, epoch: int, loss: float, acc: float, best: float) -> None:
+    def update(self, epoch: int, loss: float, acc: float, best: float, extra: str = "") -> None:
         if self.bar:
-            self.bar.update(self.task, completed=epoch, loss=f"{loss:.4f}", acc=f"{acc:.4f}", best=f"{best:.4f}")
+            self.bar.update(self.task, completed=epoch, loss=f"{loss:.4f}", acc=f"{acc:.4f}{extra}", best=f"{best:.4f}")
         elif self.show:
-            print(f"{self.desc}: epoch {epoch}/{self.epochs}  loss {loss:.4f}  val acc {acc:.4f}  best {best:.4f}",
+            print(f"{self.desc}: epoch {epoch}/{self.epochs}  loss {loss:.4f}  val acc {acc:.4f}  best {best:.4f}{extra}",
                   file=sys.stderr, flush=True)
 
 

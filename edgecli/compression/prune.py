@@ -34,10 +34,9 @@ def rebuild_pruned(model_info: dict, state_dict: dict):
     import torch
     from torch import nn
 
-    from edgecli.models import build_model
+    from edgecli.models import build_from_info
 
-    model = build_model(model_info["arch"], model_info["input_shape"], int(model_info["num_classes"]),
-                        model_info.get("args") or {})
+    model = build_from_info(model_info)
     for name, m in model.named_modules():
         w = state_dict.get(f"{name}.weight" if name else "weight")
         if w is None:

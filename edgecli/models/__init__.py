@@ -97,3 +97,31 @@ def trusted_info(info, trusted, where: str) -> dict:
     if not isinstance(info.get("args") or {}, dict):
         raise ArtifactError(f"{where}: model_info.args must be an object")
     return info
+
+
+def build_from_info(info: dict, key: str = "model"):
+    """The architecture a stage's ``model_info`` describes, including a norm-layer swap made at training.
+
+    DP training (``train.privacy.fix_batchnorm``) replaces BatchNorm by GroupNorm with Opacus'
+    ``ModuleValidator.fix``; the weights then only load into the same swapped architecture.
+    """
+    model = build_model(info["arch"], info["input_shape"], int(info["num_classes"]), info.get("args") or {}, key=key)
+    if info.get("norm_fix") == "batchnorm->groupnorm":
+        replace_batchnorm(model, info.get("norm_groups"))
+    return model
+
+
+def replace_batchnorm(model, groups: int | None = None):
+    """BatchNorm -> GroupNorm(gcd(32, C), C), in place: the rule of Opacus' ModuleValidator.fix (opacus 1.6
+    ``validators/batch_norm.py``), written out so compress/bench can rebuild the model without Opacus."""
+    import math
+
+    from torch import nn
+
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            g = groups or math.gcd(32, child.num_features)
+            setattr(model, name, nn.GroupNorm(g, child.num_features, affine=child.affine))
+        else:
+            replace_batchnorm(child, groups)
+    return model

@@ -225,7 +225,7 @@ def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> t
     """Run prune/distill/sparsity in order; return (onnx path, step records, final model, notes)."""
     from edgecli.compression import TorchContext
     from edgecli.compression.quantize import time_p50
-    from edgecli.models import build_model, trusted_archs, trusted_info
+    from edgecli.models import build_from_info, trusted_archs, trusted_info
     from edgecli.training import load_weights_file
 
     man = store.manifest("train")
@@ -233,7 +233,7 @@ def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> t
     if not info:
         raise ArtifactError("train manifest has no model_info; rerun `edgecli train -c <config> --force`")
     info = trusted_info(info, trusted_archs(cfg), str(store.stage_dir("train") / "manifest.json"))
-    model = build_model(info["arch"], info["input_shape"], info["num_classes"], info.get("args"))
+    model = build_from_info(info)
     model.load_state_dict(load_weights_file(store.require("train", "weights.safetensors")))
     model.eval()
     splits = data.splits

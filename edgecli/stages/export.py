@@ -493,6 +493,7 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
 
     # the card, embedded, then the final file
     card = _card(m, cfg, stage, src, info, lineage, level, par, gnotes, notes, quantized)
+    card.update(_training_privacy(store, lineage))
     e = m.metadata_props.add()
     e.key, e.value = "edgecli.card", json.dumps(card, sort_keys=True)
     final = w.path("model.onnx")
@@ -545,6 +546,26 @@ def _io_desc(vi) -> dict:
     shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in tt.shape.dim]
     return {"name": vi.name, "shape": shape, "dtype": helper.tensor_dtype_to_np_dtype(tt.elem_type).name
             if tt.elem_type else None}
+
+
+def _training_privacy(store: ArtifactStore, lineage: dict) -> dict:
+    """The train manifest's privacy/federated record (ε spent, δ, ...) when this model descends from it.
+
+    Only the train manifest whose hash is in the lineage counts: a train stage rerun since then
+    does not describe this model.
+    """
+    out: dict = {}
+    if "train" not in lineage or not store.exists("train"):
+        return out
+    mpath = store.stage_dir("train") / "manifest.json"
+    if sha256_file(mpath) != lineage["train"]:
+        return out
+    man = json.loads(mpath.read_text())
+    if man.get("privacy"):
+        out["privacy"] = man["privacy"]
+    if man.get("federated"):
+        out["federated"] = man["federated"]
+    return out
 
 
 def _card(m, cfg, stage, src: Path, info: dict | None, lineage: dict, level, par: dict, gnotes: dict,

@@ -49,7 +49,16 @@ def model_info(cfg: PipelineConfig, splits, num_classes: int, model) -> dict:
         "input_names": input_names,
         "output_names": output_names,
         "preprocess": splits.spec.to_dict(),
+        **_norm_fix(model),
     }
+
+
+def _norm_fix(model) -> dict:
+    """model_info keys that let compress/bench rebuild a DP model whose BatchNorm became GroupNorm."""
+    fix = getattr(model, "_edgecli_norm_fix", None)
+    if not fix:
+        return {}
+    return {"norm_fix": "batchnorm->groupnorm", **({"norm_groups": int(fix)} if fix is not True else {})}
 
 
 def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: bool, checkpoint: Path | None,
@@ -70,6 +79,11 @@ def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: boo
         if not loaded:
             raise ConfigError(f"train.init_from: no tensor in {wpath} matches model '{cfg.model.arch}' by name and shape")
         notes.append(f"initialised {len(loaded)} tensors from {wpath}" + (f"; {len(skipped)} not matching (new head?)" if skipped else ""))
+    if cfg.train.privacy is not None:
+        from edgecli.privacy import check_model
+
+        model, fix_notes = check_model(model, cfg.train.privacy, cfg.model.arch)
+        notes.extend(fix_notes)
     frozen = apply_freeze(model, cfg.train.freeze)
     if frozen:
         notes.append(f"froze {frozen} parameter tensors ({', '.join(cfg.train.freeze)})")
@@ -78,12 +92,56 @@ def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: boo
 
         notes.append("train.epochs is 0: the model is exported as built, without fitting")
         return model.eval(), FitResult(float("nan"), 0, 0, False, None), notes
+    private = None
+    if cfg.train.privacy is not None:
+        from edgecli.privacy import DPSGD
+
+        private = DPSGD(cfg.train.privacy)
     res = fit(
         model, splits.train.x, splits.train.y, splits.val.x, splits.val.y, cfg.train,
         num_classes=num_classes, seed=cfg.seed, checkpoint=checkpoint, resume=resume, fingerprint=fp,
-        desc=f"train {cfg.name}", quiet=quiet, device=device, dist=dist,
+        desc=f"train {cfg.name}", quiet=quiet, device=device, dist=dist, private=private,
     )
+    if private is not None:
+        res.privacy = private.summary()
+        notes.append(f"DP-SGD: ε = {res.privacy['epsilon']:.2f} at δ = {cfg.train.privacy.delta:g} "
+                     f"(noise multiplier {res.privacy['noise_multiplier']}, clip {cfg.train.privacy.max_grad_norm})")
     return model, res, notes
+
+
+def train_federated(cfg: PipelineConfig, splits, *, quiet: bool, resume: bool, grid=None):
+    """train.federated: Flower aggregates, each client runs edgecli's loop; the best-validation global model."""
+    from edgecli.federated import run_federated, serve
+    from edgecli.training import FitResult
+
+    notes = ["--resume does not apply to federated training; all rounds were run"] if resume else []
+    if grid is None:
+        res, _ = run_federated(cfg, splits, config_path=cfg.source, overrides=list(cfg._overrides), quiet=quiet)
+    else:
+        res, _ = serve(cfg, splits, grid, quiet=quiet)
+    fed = cfg.train.federated
+    history = [dict(r, epoch=r["round"]) for r in res.rounds]
+    fit = FitResult(res.best_val_accuracy, res.best_round, len(res.rounds), False, None, history, res.seconds)
+    fit.federated = {"clients": fed.clients, "rounds_run": len(res.rounds), "best_round": res.best_round,
+                     "strategy": fed.strategy, "partition": fed.partition,
+                     "alpha": fed.alpha if fed.partition == "dirichlet" else None,
+                     "aggregation": f"flwr.serverapp.strategy.{'FedProx' if fed.strategy == 'fedprox' else 'FedAvg'} "
+                                    "(weighted by num-examples)", "rounds": res.rounds}
+    failed = sorted({c for r in res.rounds for c in r["failed_clients"]})
+    if failed:
+        notes.append(f"clients {', '.join(map(str, failed))} failed in some rounds; those rounds were aggregated "
+                     "without them (train.federated.min_available_clients was still met)")
+    if cfg.train.privacy is not None:
+        p = cfg.train.privacy
+        fit.privacy = {"epsilon": res.epsilon, "delta": p.delta, "target_epsilon": p.target_epsilon,
+                       "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
+                       "accountant": p.accountant, "poisson_sampling": True,
+                       "mechanism": "DP-SGD (Opacus) on every client; ε is the largest over clients "
+                                    "(sample-level: each sample lives on one client)"}
+        notes.append(f"DP-SGD on every client: ε = {res.epsilon:.2f} at δ = {p.delta:g} (largest over clients)")
+    notes.append(f"federated: {fed.clients} clients, {len(res.rounds)} rounds, best global model of round "
+                 f"{res.best_round} (val acc {res.best_val_accuracy:.4f})")
+    return res.model, fit, notes
 
 
 def save_model_files(w_dir: Path, model, cfg: PipelineConfig, info: dict, x_check, opset: int, atol: float,
@@ -127,7 +185,9 @@ def _metrics(model, splits, num_classes):
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resume: bool = False,
-        quiet: bool = False) -> StageResult:
+        quiet: bool = False, grid=None) -> StageResult:
+    """``grid``: a Flower Grid for train.federated under Flower's deployment engine (edgecli.federated.server_app);
+    without it the clients are simulated on this machine."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         return _run_distributed(cfg, store, force=force, resume=resume, quiet=quiet)
     from edgecli.data import load_splits
@@ -146,8 +206,11 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
         if cfg.train.amp != "none" and device.type != "cuda":
             state.setdefault("notes", []).append(f"train.amp={cfg.train.amp} applies on CUDA only; "
                                                  f"trained in float32 on {device}")
-        model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt, fp=fp,
-                                                   device=device)
+        if cfg.train.federated is not None:
+            model, fitres, notes = train_federated(cfg, splits, quiet=quiet, resume=resume, grid=grid)
+        else:
+            model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt, fp=fp,
+                                                       device=device)
         if fitres.resumed_from_epoch:
             notes.append(f"resumed from the checkpoint of epoch {fitres.resumed_from_epoch}")
         state.setdefault("notes", []).extend(notes)
@@ -164,6 +227,10 @@ def _publishable(w: StageWriter, cfg, splits, model, fitres, state: dict):
     num_classes = cfg.model.num_classes or splits.num_classes
     info = model_info(cfg, splits, num_classes, model)
     metrics = _metrics(model, splits, num_classes)
+    if fitres.privacy is not None:
+        metrics["privacy"] = fitres.privacy
+    if fitres.federated is not None:
+        metrics["federated"] = fitres.federated
     par = save_model_files(w.dir, model, cfg, info, splits.test.x, cfg.train.opset, cfg.train.parity_atol,
                            "train parity (ONNX Runtime vs PyTorch on the test split)")
     write_json_atomic(w.path("metrics.json"), metrics)
@@ -177,10 +244,18 @@ def _publishable(w: StageWriter, cfg, splits, model, fitres, state: dict):
         "train_seconds": round(fitres.seconds, 2), "parity_max_abs_diff": par["max_abs_diff"],
         "parity_top1_agreement": par["top1_agreement"],
     }
+    if fitres.privacy is not None:
+        headline.update(epsilon=fitres.privacy["epsilon"], delta=fitres.privacy["delta"])
+    if fitres.federated is not None:
+        headline.update(federated_clients=fitres.federated["clients"], federated_rounds=fitres.federated["rounds_run"])
     state.update(metrics=metrics, fit=fitres, parity=par)
     extra = {"model_info": info, "parity": par, "history": fitres.history, "seed": cfg.seed,
              "resumed_from_epoch": fitres.resumed_from_epoch, "data_source": splits.source,
              "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}}
+    if fitres.privacy is not None:
+        extra["privacy"] = fitres.privacy
+    if fitres.federated is not None:
+        extra["federated"] = {k: v for k, v in fitres.federated.items() if k != "rounds"}
     return cfg.section("train"), headline, extra
 
 
@@ -189,7 +264,8 @@ def _result(res: StageResult, state: dict) -> StageResult:
     m = res.metrics
     if m:
         rows = [[k, m.get(k)] for k in ("test_accuracy", "val_accuracy", "test_f1_macro", "params", "epochs_run",
-                                          "best_epoch", "parity_max_abs_diff", "parity_top1_agreement") if k in m]
+                                          "best_epoch", "parity_max_abs_diff", "parity_top1_agreement", "epsilon",
+                                          "delta", "federated_clients", "federated_rounds") if k in m]
         res.tables.append(Table(f"train ({res.status})", ["metric", "value"], rows))
     return res
 
