@@ -183,15 +183,12 @@ def convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
 def load_image_file(path: str, channels: int) -> np.ndarray:
     """Read an image file as uint8 (H, W, C) in the dataset's raw mode (grayscale or RGB)."""
     import io
-    import os
 
     from PIL import Image, UnidentifiedImageError
 
     from edgecli.safeio import IMAGE_PIXEL_LIMIT, INPUT_LIMIT, read_user_bytes, shown
 
     name = shown(path)
-    if os.path.isdir(path):
-        raise DataError(f"{name}: is a directory, expected an image file")
     data = read_user_bytes(path, "an image file", INPUT_LIMIT, DataError)  # never blocks, bounded
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -202,12 +199,6 @@ def load_image_file(path: str, channels: int) -> np.ndarray:
             im.load()
             mode = "L" if channels == 1 else "RGB"
             arr = np.asarray(im.convert(mode))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected an image file") from None
-    except PermissionError:
-        raise DataError(f"{path}: permission denied") from None
     except Image.DecompressionBombError:
         raise DataError(f"{name}: over Pillow's pixel limit (a decompression bomb?); refused") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
