@@ -21,7 +21,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from edgecli import __version__
 from edgecli.artifacts import ArtifactStore, StageWriter, sha256_file, sha256_json, write_json_atomic
 from edgecli.config import PipelineConfig, did_you_mean
 from edgecli.errors import ArtifactError, CheckFailed, ConfigError, ModelFileError, UsageError
+from edgecli.runtimes.env import environment
 from edgecli.stages import StageResult, Table, resolve_input, run_stage
 
 STAGE = "bench"
@@ -103,65 +103,6 @@ def select_targets(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[Targ
                 info = trusted_info(info, trusted_archs(cfg), str(store.stage_dir("train") / "manifest.json"))
                 targets.insert(0, Target(TORCH_LABEL, "torch", weights, "train", info, weights.stat().st_size))
     return targets, notes
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def environment() -> dict:
-    """CPU model and ISA flags, core counts, versions: what a reader needs to compare two runs."""
-    from importlib import metadata
-
-    cpu_model, flags, cores = platform.processor() or platform.machine(), set(), set()
-    try:
-        phys = core = None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            key, val = key.strip(), val.strip()
-            if key in ("model name", "Model", "Hardware") and val and cpu_model in (platform.processor(), platform.machine(), ""):
-                cpu_model = val
-            elif key in ("flags", "Features") and not flags:
-                flags = set(val.split())
-            elif key == "physical id":
-                phys = val
-            elif key == "core id":
-                core = val
-                cores.add((phys, core))
-    except OSError:
-        pass
-    isa = {
-        "avx2": "avx2" in flags,
-        "avx512": "avx512f" in flags,
-        "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
-        "amx": bool({"amx_tile", "amx_int8", "amx_bf16"} & flags),
-    }
-    if "asimd" in flags or "neon" in flags:  # Arm
-        isa.update(neon=True, dotprod="asimddp" in flags, sve="sve" in flags)
-    versions = {"python": platform.python_version(), "edgecli": __version__}
-    for pkg in ("onnxruntime", "onnxruntime-gpu", "torch", "onnx", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
-    from edgecli.runtime import available_providers
-
-    return {
-        "cpu_model": cpu_model,
-        "isa": isa,
-        "isa_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "asimd", "sve"))),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable,
-        "physical_cores": len(cores) or None,
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "versions": versions,
-        "ort_providers_available": available_providers(),
-        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-    }
 
 
 # --------------------------------------------------------------------------- inputs for the workers
