@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecli.errors import CheckFailed, ModelFileError
+from edgecli.runtimes.feeds import InputSpec
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -279,6 +280,30 @@ def parse_model_info(text: str | None, where: str) -> dict | None:
         except DataError as e:
             raise ModelFileError(f"{where}: edgecli.model_info: {e.message}") from None
     return info
+
+
+# --------------------------------------------------------------------------- model inputs
+
+# ONNX TensorProto element types -> numpy (symbolic dims and unknown types read as float32)
+_ONNX_TO_NP = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64, 9: np.bool_, 2: np.uint8, 3: np.int8}
+
+
+def model_inputs(model) -> list[InputSpec]:
+    """The real inputs of an ONNX model (graph inputs that are not initializers)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+        out.append(InputSpec(vi.name, shape, _ONNX_TO_NP.get(tt.elem_type, np.float32)))
+    return out
+
+
+def inputs_of(path: Path) -> list[InputSpec]:
+    """The real inputs of the ONNX file ``path`` (guarded load, external data not read)."""
+    return model_inputs(load_onnx(path, load_external=False))
 
 
 # --------------------------------------------------------------------------- untrusted models

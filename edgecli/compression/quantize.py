@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecli.errors import ConfigError, DataError, ModelFileError
+from edgecli.errors import ConfigError, DataError
+from edgecli.onnxio import inputs_of, model_inputs  # noqa: F401 - inputs_of: re-exported for callers of this module
+from edgecli.runtimes.feeds import InputSpec, fit_problem, load_input_file, n_samples, take  # noqa: F401
 
 # A candidate must beat its input by this much to count as faster: timings here move a few
 # percent between rounds, and a tie is not worth the accuracy risk of a quantized model.
@@ -30,98 +32,6 @@ MIN_SPEEDUP = 0.03
 DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "GRU", "EmbedLayerNormalization")
 MAX_BACKOFF_TRIES = 8
 
-_ONNX_TO_NP = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64, 9: np.bool_, 2: np.uint8, 3: np.int8}
-
-
-# --------------------------------------------------------------------------- model inputs
-
-
-@dataclass
-class InputSpec:
-    name: str
-    shape: list  # ints for fixed dims, None for symbolic ones
-    dtype: type
-
-    def describe(self) -> str:
-        dims = ",".join("N" if d is None else str(d) for d in self.shape)
-        return f"{self.name}[{dims}] {np.dtype(self.dtype).name}"
-
-
-def model_inputs(model) -> list[InputSpec]:
-    """The real inputs of an ONNX model (graph inputs that are not initializers)."""
-    inits = {t.name for t in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
-        out.append(InputSpec(vi.name, shape, _ONNX_TO_NP.get(tt.elem_type, np.float32)))
-    return out
-
-
-def fit_problem(x: np.ndarray, spec: InputSpec) -> str | None:
-    """Why the batch ``x`` cannot feed ``spec`` (None when it fits)."""
-    if x.ndim != len(spec.shape):
-        return f"has {x.ndim} dims {list(x.shape)}, the model input {spec.describe()} has {len(spec.shape)}"
-    for i, (have, want) in enumerate(zip(x.shape, spec.shape, strict=False)):
-        if i > 0 and want is not None and have != want:
-            return f"has shape {list(x.shape)}, the model input is {spec.describe()} (dim {i}: {have} != {want})"
-    if x.dtype != np.dtype(spec.dtype):
-        return f"has dtype {x.dtype}, the model input {spec.name} expects {np.dtype(spec.dtype).name}"
-    return None
-
-
-def load_input_file(path: Path, inputs: list[InputSpec], key: str) -> dict[str, np.ndarray]:
-    """Model inputs from an .npy (single-input models) or .npz (one array per input name) file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{key}: {path} does not exist")
-    try:
-        if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        else:
-            arrays = {None: np.load(path, allow_pickle=False)}
-    except ValueError as e:
-        raise DataError(f"{key}: {path} is not a plain numeric .npy/.npz ({e}); object arrays are refused") from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"{key}: cannot read {path} as .npy/.npz ({type(e).__name__})") from None
-    feeds: dict[str, np.ndarray] = {}
-    if None in arrays or len(arrays) == 1 and len(inputs) == 1 and inputs[0].name not in arrays:
-        if len(inputs) != 1:
-            raise DataError(f"{key}: the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
-                            "give an .npz with one array per input name")
-        feeds[inputs[0].name] = next(iter(arrays.values()))
-    else:
-        missing = [i.name for i in inputs if i.name not in arrays]
-        if missing:
-            raise DataError(f"{key}: {path} has arrays {sorted(arrays)}; missing model input(s) {missing}")
-        feeds = {i.name: arrays[i.name] for i in inputs}
-    n = None
-    for spec in inputs:
-        x = feeds[spec.name]
-        if x.ndim == len(spec.shape) - 1:  # one sample given without the batch axis
-            x = feeds[spec.name] = x[None]
-        problem = fit_problem(x, spec)
-        if problem:
-            raise DataError(f"{key}: {path.name} {problem}")
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise DataError(f"{key}: {path.name} contains NaN or Inf")
-        if n is not None and len(x) != n:
-            raise DataError(f"{key}: arrays in {path.name} have different sample counts")
-        n = len(x)
-    if not n:
-        raise DataError(f"{key}: {path.name} holds no samples")
-    return feeds
-
-
-def take(feeds: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
-    return {k: np.ascontiguousarray(v[idx]) for k, v in feeds.items()}
-
-
-def n_samples(feeds: dict[str, np.ndarray]) -> int:
-    return len(next(iter(feeds.values())))
 
 
 # --------------------------------------------------------------------------- scoring and timing
@@ -681,15 +591,6 @@ def check_options(opts, key: str) -> None:
         raise ConfigError(f"{key}.block_size: must be a power of two >= 16 (got {opts.block_size})")
     if opts.format == "qoperator" and opts.mode not in ("static", "auto"):
         raise ConfigError(f"{key}.format: qoperator applies to static quantization only (mode is {opts.mode})")
-
-
-def inputs_of(path: Path) -> list[InputSpec]:
-    from edgecli.onnxio import load_onnx
-
-    try:
-        return model_inputs(load_onnx(path, load_external=False))
-    except ModelFileError:
-        raise
 
 
 # --------------------------------------------------------------------------- transformer fusion

@@ -122,7 +122,7 @@ def _subset(n: int, k: int | None, seed: int) -> np.ndarray:
 
 def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None, embedding: bool = False) -> _Data:
     """Validation split when the pipeline's data fits the model input, else the user's inputs (fidelity)."""
-    from edgecli.compression.quantize import fit_problem, take
+    from edgecli.runtimes.feeds import fit_problem, n_samples, take
 
     d = _Data()
     problem = None
@@ -158,8 +158,6 @@ def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None, embed
             f"compress: {d.fit_note.split(';')[0]}, and no calibration.data file gives model inputs to score on",
             hint="set compress.steps.N.quantize.calibration.data to an .npy/.npz of model inputs",
         )
-    from edgecli.compression.quantize import n_samples
-
     n = n_samples(calib_file_feeds)
     idx = _subset(n, cfg.compress.eval_samples, cfg.seed)
     d.eval_feeds = take(calib_file_feeds, idx)
@@ -175,13 +173,11 @@ def _feeds(x, inputs, idx) -> dict[str, np.ndarray]:
 
 def _calibration(cfg, st_opts, key: str, inputs, data: _Data) -> tuple[dict | None, str | None, str]:
     """(feeds, problem, source) for one quantize step."""
-    from edgecli.compression.quantize import load_input_file, take
+    from edgecli.runtimes.feeds import load_input_file, n_samples, take
 
     cal = st_opts.calibration
     if cal.data:
         feeds = load_input_file(Path(cal.data), inputs, f"{key}.calibration.data")
-        from edgecli.compression.quantize import n_samples
-
         idx = np.arange(min(cal.samples, n_samples(feeds)))
         return take(feeds, idx), None, f"{cal.data} ({len(idx)} samples)"
     if data.splits is None:
@@ -299,8 +295,9 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
 def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state: dict, quiet: bool, log):
     import onnx
 
-    from edgecli.compression.quantize import QuantizeJob, Scorer, inputs_of, load_input_file, n_samples
-    from edgecli.onnxio import get_metadata, load_onnx, model_bytes, parse_model_info, set_metadata
+    from edgecli.compression.quantize import QuantizeJob, Scorer
+    from edgecli.onnxio import get_metadata, inputs_of, load_onnx, model_bytes, parse_model_info, set_metadata
+    from edgecli.runtimes.feeds import load_input_file, n_samples
 
     if stage:
         man = w.add_upstream(stage)

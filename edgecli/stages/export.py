@@ -289,7 +289,7 @@ def is_quantized(m) -> bool:
 
 def parity_samples(cfg: PipelineConfig, info: dict | None, inputs, n: int) -> tuple[dict, np.ndarray | None, str]:
     """(feeds, labels or None, source): the test split through the model's preprocessing, else seeded random."""
-    from edgecli.compression.quantize import fit_problem
+    from edgecli.runtimes.feeds import fit_problem
 
     problem = None
     if info and info.get("preprocess"):
@@ -406,8 +406,7 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
            state: dict, log):
     import onnx
 
-    from edgecli.compression.quantize import model_inputs
-    from edgecli.onnxio import load_onnx, parse_model_info
+    from edgecli.onnxio import load_onnx, model_inputs, parse_model_info
 
     lineage = {}
     if stage:
