@@ -144,16 +144,6 @@ def _seq_note(feed: dict) -> dict:
     return {"sequence": int(mask.shape[1])} if mask is not None and mask.ndim == 2 else {}
 
 
-def _synthetic(inp, batch: int, rng) -> np.ndarray:
-    dims = [batch] + [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape[1:]]
-    dtype = _ORT_DTYPES.get(inp.type, np.float32)
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(dims).astype(dtype)
-    if dtype == np.bool_:
-        return np.ones(dims, dtype=dtype)
-    return np.zeros(dims, dtype=dtype)
-
-
 def _fixed_batch(inp) -> int | None:
     d = inp.shape[0] if inp.shape else None
     return d if isinstance(d, int) and d > 0 else None
@@ -177,6 +167,7 @@ def measure_onnx(spec: dict) -> dict:
     import onnxruntime  # noqa: F401 - timed on its own: part of a deployer's cold start
 
     from edgecli.runtime import make_session
+    from edgecli.runtimes.feeds import synthetic_input
 
     import_ms = (time.perf_counter() - t0) * 1e3
     x, y = _load_inputs(spec)
@@ -198,7 +189,8 @@ def measure_onnx(spec: dict) -> dict:
             if len(xb) < b:  # fewer test samples than the batch: repeat them
                 xb = np.ascontiguousarray(np.resize(xb, (b, *xb.shape[1:])))
             return {inputs[0].name: np.ascontiguousarray(xb)}
-        return {i.name: _synthetic(i, b, rng) for i in inputs}
+        return {i.name: synthetic_input(i.shape, _ORT_DTYPES.get(i.type, np.float32), batch=b, rng=rng)
+                for i in inputs}
 
     runnable = [b for b in batch_sizes if fixed is None or b == fixed]
     first_ms = None

@@ -311,7 +311,7 @@ def inputs_of(path: Path) -> list[InputSpec]:
 # Run in a child interpreter: a model that makes ONNX Runtime die of a signal (or loop, or print
 # on stdout) takes the child down, never the edgecli process or its --json output.
 _PROBE_CHILD = r"""
-import contextlib, json, os, sys
+import contextlib, json, math, os, sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 with contextlib.suppress(Exception):  # die with the parent (Linux): a killed edgecli leaves no probe behind
     import ctypes, signal
@@ -323,10 +323,11 @@ sys.stdout = sys.stderr  # ONNX Runtime prints provider fallbacks with print()
 def verdict(**kw):
     out.write(json.dumps(kw) + "\n"); out.flush()
 try:
-    import numpy as np
     from edgecli.errors import EdgeError
     from edgecli.onnxio import load_onnx
     from edgecli.runtime import make_session
+    from edgecli.runtimes.feeds import synthetic_input
+    from edgecli.runtimes.ort import ORT_DTYPES
     path = sys.argv[1]
     if not path.lower().endswith(".ort"):  # an .ort file is a flatbuffer: only ONNX Runtime reads it
         load_onnx(path, load_external=False)
@@ -334,18 +335,12 @@ try:
     if not sess.get_inputs():
         raise EdgeError("the model has no inputs; nothing could be fed to it")
     feeds, skipped = {}, []
-    types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-             "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
     for i in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-        n = 1
-        for d in shape:
-            n *= d
-        if i.type not in types or n > (1 << 24):
+        n = math.prod(d if isinstance(d, int) and d > 0 else 1 for d in i.shape)
+        if i.type not in ORT_DTYPES or n > (1 << 24):
             skipped.append(i.name)
             continue
-        feeds[i.name] = np.zeros(shape, types[i.type])
+        feeds[i.name] = synthetic_input(i.shape, ORT_DTYPES[i.type])  # zeros
     if not skipped:
         sess.run(None, feeds)
     verdict(ok=True, ran=not skipped, inputs=[[i.name, list(map(str, i.shape)), i.type] for i in sess.get_inputs()])

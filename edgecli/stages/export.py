@@ -289,7 +289,7 @@ def is_quantized(m) -> bool:
 
 def parity_samples(cfg: PipelineConfig, info: dict | None, inputs, n: int) -> tuple[dict, np.ndarray | None, str]:
     """(feeds, labels or None, source): the test split through the model's preprocessing, else seeded random."""
-    from edgecli.runtimes.feeds import fit_problem
+    from edgecli.runtimes.feeds import fit_problem, synthetic_feeds
 
     problem = None
     if info and info.get("preprocess"):
@@ -314,17 +314,7 @@ def parity_samples(cfg: PipelineConfig, info: dict | None, inputs, n: int) -> tu
                 return feeds, np.asarray(y), f"test split ({len(y)} samples)"
         except DataError as e:
             problem = e.message
-    rng = np.random.default_rng(cfg.seed)
-    feeds = {}
-    for spec_in in inputs:
-        shape = [n] + [d or 1 for d in spec_in.shape[1:]]
-        dt = np.dtype(spec_in.dtype)
-        if np.issubdtype(dt, np.integer):
-            feeds[spec_in.name] = rng.integers(0, 100, size=shape).astype(dt)
-        elif dt == np.bool_:
-            feeds[spec_in.name] = np.ones(shape, dtype=bool)
-        else:
-            feeds[spec_in.name] = rng.standard_normal(shape).astype(dt)
+    feeds = synthetic_feeds(inputs, n, np.random.default_rng(cfg.seed), int_high=100)
     why = f" ({problem})" if problem else ""
     return feeds, None, f"seeded random inputs ({n} samples){why}"
 
