@@ -28,14 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecli.runtimes.ort import ORT_DTYPES
+
 # timed runs stop here even if min_time_s has not passed: results.json keeps every latency
 MAX_RUNS = 200_000
 
-_ORT_DTYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(bfloat16)": np.float32,
-}
 
 
 def _rss_kb() -> int:
@@ -110,7 +107,7 @@ def _trim(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _dict_batch(x: dict, inputs, b: int) -> dict[str, np.ndarray]:
     feed = {}
     for i in inputs:
-        a = np.asarray(x[i.name][:b], dtype=_ORT_DTYPES.get(i.type, np.int64))
+        a = np.asarray(x[i.name][:b], dtype=ORT_DTYPES.get(i.type, np.int64))
         if len(a) < b:  # fewer test samples than the batch: repeat them
             a = np.resize(a, (b, *a.shape[1:]))
         feed[i.name] = np.ascontiguousarray(a)
@@ -185,11 +182,11 @@ def measure_onnx(spec: dict) -> dict:
         if note is None and isinstance(x, dict):
             return _dict_batch(x, inputs, b)
         if note is None:
-            xb = np.asarray(x[:b], dtype=_ORT_DTYPES.get(inputs[0].type, np.float32))
+            xb = np.asarray(x[:b], dtype=ORT_DTYPES.get(inputs[0].type, np.float32))
             if len(xb) < b:  # fewer test samples than the batch: repeat them
                 xb = np.ascontiguousarray(np.resize(xb, (b, *xb.shape[1:])))
             return {inputs[0].name: np.ascontiguousarray(xb)}
-        return {i.name: synthetic_input(i.shape, _ORT_DTYPES.get(i.type, np.float32), batch=b, rng=rng)
+        return {i.name: synthetic_input(i.shape, ORT_DTYPES.get(i.type, np.float32), batch=b, rng=rng)
                 for i in inputs}
 
     runnable = [b for b in batch_sizes if fixed is None or b == fixed]
@@ -219,7 +216,7 @@ def measure_onnx(spec: dict) -> dict:
         metrics = _metrics(logits, y[:n], spec.get("num_classes"))
     elif note is None and y is not None:
         n = spec.get("accuracy_samples") or len(y)
-        dtype = _ORT_DTYPES.get(inputs[0].type, np.float32)
+        dtype = ORT_DTYPES.get(inputs[0].type, np.float32)
         logits = _onnx_predict(sess, inputs[0].name, x[:n], dtype, fixed)
         metrics = _metrics(logits, y[:n], spec.get("num_classes"))
     return {

@@ -56,6 +56,7 @@ class Model:
 
     def __init__(self, path: Path, threads: int, providers: list[str]):
         from edgecli.runtime import make_session
+        from edgecli.runtimes.ort import ORT_DTYPES
 
         self.path = path
         if path.suffix.lower() != ".ort":
@@ -67,7 +68,7 @@ class Model:
         self.info = model_description(self.sess.get_modelmeta().custom_metadata_map, str(path))
         self.out_index = score_output(self.sess.get_outputs(), path)
         self.inputs = [{"name": i.name, "shape": [d if isinstance(d, int) else None for d in i.shape],
-                        "dtype": _ORT_DTYPES.get(i.type, "float32")} for i in self.sess.get_inputs()]
+                        "dtype": ORT_DTYPES.get(i.type, np.dtype(np.float32)).name} for i in self.sess.get_inputs()]
         names = (self.info or {}).get("class_names")
         self.labels = [str(n) for n in names] if names else None
         self._warm = False
@@ -132,11 +133,6 @@ def score_output(outputs, path) -> int:
     kinds = ", ".join(f"{o.name} ({o.type})" for o in outputs) or "none"
     raise ModelFileError(f"{path}: no output holds float scores to rank (outputs: {kinds[:200]}); "
                          "infer ranks classifier scores or logits")
-
-
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
-               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8",
-               "tensor(bool)": "bool"}
 
 
 def to_probs(out: np.ndarray) -> np.ndarray:
