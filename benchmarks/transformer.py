@@ -166,7 +166,7 @@ def main() -> int:
     from edgecli.metrics import cosine_similarity
     from edgecli.models.text import MiniLMEmbedder
     from edgecli.onnxio import export_onnx, model_bytes
-    from edgecli.runtime import make_session
+    from edgecli.runtimes.ort import make_session
     from edgecli.stages import train as train_stage
 
     torch.set_num_threads(1)

@@ -146,25 +146,12 @@ def _fixed_batch(inp) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
 
 
-def _onnx_predict(sess, name: str, x: np.ndarray, dtype, fixed: int | None, chunk: int = 256) -> np.ndarray:
-    """First output over ``x``; a fixed-batch model gets chunks of its batch size, the last one padded."""
-    step = fixed or chunk
-    outs = []
-    for i in range(0, len(x), step):
-        xb = np.asarray(x[i : i + step], dtype=dtype)
-        n = len(xb)
-        if fixed and n < fixed:
-            xb = np.concatenate([xb, np.repeat(xb[-1:], fixed - n, axis=0)])
-        outs.append(np.asarray(sess.run(None, {name: xb})[0])[:n])
-    return np.concatenate(outs)
-
-
 def measure_onnx(spec: dict) -> dict:
     t0 = time.perf_counter()
     import onnxruntime  # noqa: F401 - timed on its own: part of a deployer's cold start
 
-    from edgecli.runtime import make_session
     from edgecli.runtimes.feeds import synthetic_input
+    from edgecli.runtimes.ort import make_session, run_batched
 
     import_ms = (time.perf_counter() - t0) * 1e3
     x, y = _load_inputs(spec)
@@ -211,13 +198,13 @@ def measure_onnx(spec: dict) -> dict:
         note = "an embedding model: no class scores to measure accuracy on (compress reports its cosine fidelity)"
     if note is None and y is not None and isinstance(x, dict):
         n = spec.get("accuracy_samples") or len(y)
-        logits = np.concatenate([sess.run(None, _dict_batch({k: v[i : i + 256] for k, v in x.items()}, inputs,
-                                                            min(256, n - i)))[0] for i in range(0, n, 256)])
+        logits = run_batched(sess, {k: v[:n] for k, v in x.items()}, 256,
+                             prepare=lambda f: _dict_batch(f, inputs, len(next(iter(f.values())))))
         metrics = _metrics(logits, y[:n], spec.get("num_classes"))
     elif note is None and y is not None:
         n = spec.get("accuracy_samples") or len(y)
         dtype = ORT_DTYPES.get(inputs[0].type, np.float32)
-        logits = _onnx_predict(sess, inputs[0].name, x[:n], dtype, fixed)
+        logits = run_batched(sess, x[:n], 256, fixed_batch=fixed, dtype=dtype)
         metrics = _metrics(logits, y[:n], spec.get("num_classes"))
     return {
         "providers_used": sess.get_providers(),

@@ -325,9 +325,8 @@ def verdict(**kw):
 try:
     from edgecli.errors import EdgeError
     from edgecli.onnxio import load_onnx
-    from edgecli.runtime import make_session
     from edgecli.runtimes.feeds import synthetic_input
-    from edgecli.runtimes.ort import ORT_DTYPES
+    from edgecli.runtimes.ort import ORT_DTYPES, make_session
     path = sys.argv[1]
     if not path.lower().endswith(".ort"):  # an .ort file is a flatbuffer: only ONNX Runtime reads it
         load_onnx(path, load_external=False)

@@ -35,7 +35,7 @@ no_cuda = pytest.mark.skipif(_cuda_count() > 0, reason="checks the no-GPU behavi
 def test_resolve_providers_keeps_available_reports_absent_and_falls_back_to_cpu():
     import onnxruntime as ort
 
-    from edgecli.runtime import resolve_providers
+    from edgecli.runtimes.ort import resolve_providers
 
     avail = ort.get_available_providers()
     usable, skipped = resolve_providers([*GPU_PROVIDERS, "CPUExecutionProvider"])
@@ -51,7 +51,7 @@ def test_resolve_providers_keeps_available_reports_absent_and_falls_back_to_cpu(
 def test_session_asking_for_absent_gpu_providers_runs_on_cpu(trained_cnn):
     import onnxruntime as ort
 
-    from edgecli.runtime import make_session, run_batched
+    from edgecli.runtimes.ort import make_session, run_batched
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here; the GPU test covers this case")
@@ -174,7 +174,7 @@ def test_torchrun_nccl_two_gpus(tmp_path):
 def test_cuda_execution_provider_matches_cpu(trained_cnn):
     import onnxruntime as ort
 
-    from edgecli.runtime import make_session, run_batched
+    from edgecli.runtimes.ort import make_session, run_batched
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (pip install -e '.[gpu]' on a CUDA machine)")

@@ -69,7 +69,7 @@ _FUZZ_CHILD = textwrap.dedent("""
     import numpy as np
     from edgecli.errors import EdgeError, report
     from edgecli.onnxio import load_onnx
-    from edgecli.runtime import make_session
+    from edgecli.runtimes.ort import make_session
     src = Path(sys.argv[1]).read_bytes()
     out = Path(sys.argv[2])
     start, count = int(sys.argv[3]), int(sys.argv[4])

@@ -51,7 +51,7 @@ def test_prune_halves_channels_in_torch_and_onnx_and_reloads(trained_cnn, tmp_pa
     import torch
 
     from edgecli.compression.prune import prune_step, rebuild_pruned
-    from edgecli.runtime import make_session, run_batched
+    from edgecli.runtimes.ort import make_session, run_batched
     from edgecli.training import evaluate, predict_logits
 
     ctx = _ctx_from_pipeline(trained_cnn, max_accuracy_drop=0.05)
@@ -158,7 +158,7 @@ def test_depthwise_mobilenet_prunes_consistently_and_exports(tmp_path):
     from edgecli.compression.prune import prune_step, rebuild_pruned
     from edgecli.data import load_splits
     from edgecli.models import build_model
-    from edgecli.runtime import make_session, run_batched
+    from edgecli.runtimes.ort import make_session, run_batched
     from edgecli.training import evaluate, fit, predict_logits
 
     cfg = PipelineConfig.model_validate({

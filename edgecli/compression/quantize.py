@@ -53,15 +53,12 @@ class Scorer:
         self.metric = "accuracy" if labels is not None else ("cosine_min" if embedding else "fidelity")
 
     def outputs(self, path: Path) -> np.ndarray:
-        from edgecli.runtime import make_session
+        from edgecli.runtimes.ort import make_session, run_batched
 
         sess = make_session(path, threads=self.threads)
         names = [i.name for i in sess.get_inputs()]
         fixed_batch = sess.get_inputs()[0].shape[0] == 1
-        bs = 1 if fixed_batch else 256
-        n = n_samples(self.feeds)
-        outs = [sess.run(None, {k: self.feeds[k][i : i + bs] for k in names})[0] for i in range(0, n, bs)]
-        return np.concatenate(outs).astype(np.float32)
+        return run_batched(sess, {k: self.feeds[k] for k in names}, 1 if fixed_batch else 256).astype(np.float32)
 
     def score(self, path: Path) -> dict:
         from edgecli.metrics import cosine_similarity, top1_agreement
@@ -93,7 +90,7 @@ def time_p50(paths: list[Path], feed1: dict[str, np.ndarray], threads: int, *, r
     model can sit 10-20% off another session's of the same file here (where its buffers landed),
     enough to pick a slower candidate; rotating several averages that out.
     """
-    from edgecli.runtime import make_session
+    from edgecli.runtimes.ort import make_session
 
     pools = [[make_session(p, threads=threads) for _ in range(sessions)] for p in paths]
     runs = []

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from edgecli.errors import ModelFileError
+from edgecli.errors import CheckFailed, ModelFileError
 
 
 def available_providers() -> list[str]:
@@ -57,15 +60,104 @@ def make_session(path: str | Path, *, threads: int = 1, providers: list[str] | N
         raise ModelFileError(f"{path}: ONNX Runtime cannot load this model ({msg})") from None
 
 
-def run_batched(sess, x: np.ndarray | dict, batch_size: int = 256) -> np.ndarray:
-    """Run the first output over ``x`` in batches (x: one array, or a dict of named arrays)."""
+def _first_output(sess, feed: dict[str, np.ndarray]) -> np.ndarray:
+    if hasattr(sess, "get_inputs"):  # an InferenceSession
+        return sess.run(None, feed)[0]
+    return sess.run(feed)[0]  # a runtime-layer Session
+
+
+def _input_names(sess) -> list[str]:
+    return [i.name for i in (sess.get_inputs() if hasattr(sess, "get_inputs") else sess.inputs)]
+
+
+def run_batched(sess, x: np.ndarray | dict, batch_size: int = 256, *, fixed_batch: int | None = None,
+                dtype=None, prepare=None) -> np.ndarray:
+    """Run the first output over ``x`` in batches (x: one array, or a dict of named arrays).
+
+    ``sess``: an InferenceSession or a runtime-layer Session. ``fixed_batch``: the batch size of a
+    model whose batch dim is fixed; chunks have that size, the last one padded with copies of its
+    last row (cut from the output again). ``dtype``: each chunk is cast to it (a memory-mapped
+    split read as stored). ``prepare``: applied to each chunk's feeds before the run.
+    """
+    step = fixed_batch or batch_size
     if isinstance(x, dict):
         n = len(next(iter(x.values())))
-        outs = [sess.run(None, {k: v[i : i + batch_size] for k, v in x.items()})[0] for i in range(0, n, batch_size)]
+        chunks = ({k: v[i : i + step] for k, v in x.items()} for i in range(0, n, step))
     else:
-        name = sess.get_inputs()[0].name
-        outs = [sess.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+        name = _input_names(sess)[0]
+        chunks = ({name: x[i : i + step]} for i in range(0, len(x), step))
+    outs = []
+    for feed in chunks:
+        if dtype is not None:
+            feed = {k: np.asarray(v, dtype=dtype) for k, v in feed.items()}
+        rows = len(next(iter(feed.values())))
+        if fixed_batch and rows < fixed_batch:
+            feed = {k: np.concatenate([v, np.repeat(v[-1:], fixed_batch - rows, axis=0)]) for k, v in feed.items()}
+        if prepare is not None:
+            feed = prepare(feed)
+        out = _first_output(sess, feed)
+        outs.append(np.asarray(out)[:rows] if fixed_batch else out)
     return np.concatenate(outs) if outs else np.zeros((0,))
+
+
+# --------------------------------------------------------------------------- offline conversion
+
+
+def optimize_offline(src: Path, dst: Path, level: str) -> None:
+    """ONNX Runtime's offline graph optimisation at a portable level (basic, extended), saved as ONNX."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:300]
+        raise ModelFileError(f"export: ONNX Runtime cannot load the input model ({msg})") from None
+
+
+def convert_to_ort(model: Path, out_dir: Path, level: str) -> tuple[Path, Path]:
+    """model.ort + required_operators.config via onnxruntime.tools (offline), at ``level``."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    from edgecli.safeio import temp_dir
+
+    with temp_dir("ort") as tmp:
+        src_dir = Path(tmp) / "in"
+        dst_dir = Path(tmp) / "out"
+        src_dir.mkdir()
+        shutil.copyfile(model, src_dir / "model.onnx")
+        old = os.environ.get("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL")
+        # the tool defaults to level "all"; keep the .ort as portable as model.onnx
+        os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = level
+        buf = io.StringIO()
+        logger = logging.getLogger("ort_format_model.utils")
+        old_level = logger.level
+        logger.setLevel(logging.WARNING)
+        try:
+            with contextlib.redirect_stdout(buf):  # the tool prints progress; stdout is for results
+                convert_onnx_models_to_ort(src_dir / "model.onnx", output_dir=dst_dir,
+                                           optimization_styles=[OptimizationStyle.Fixed])
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise CheckFailed(f"export: conversion to ORT format failed ({msg})") from None
+        finally:
+            logger.setLevel(old_level)
+            if old is None:
+                os.environ.pop("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL", None)
+            else:
+                os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = old
+        orts = sorted(dst_dir.glob("*.ort"))
+        cfgs = sorted(dst_dir.glob("*.config"))
+        if not orts or not cfgs:
+            raise CheckFailed(f"export: ORT format conversion wrote no model ({buf.getvalue().strip()[-200:]})")
+        ort_path, cfg_path = out_dir / "model.ort", out_dir / "required_operators.config"
+        shutil.copyfile(orts[0], ort_path)
+        shutil.copyfile(cfgs[0], cfg_path)
+    return ort_path, cfg_path
 
 
 class _OrtSession:

@@ -625,7 +625,7 @@ def _reference_accuracy(store: ArtifactStore, measurements: list[dict]) -> float
 def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet: bool = False,
         baseline: Path | None = None, **_) -> StageResult:
     """Measure every model side by side, write results.json/results.md/pareto.png, check budgets."""
-    from edgecli.runtime import resolve_providers
+    from edgecli.runtimes.ort import resolve_providers
 
     bc = cfg.bench
     b = bc.budgets
@@ -645,7 +645,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     providers = [p for p in bc.providers if p in usable] or ["CPUExecutionProvider"]
     skipped_info = [{"provider": p, "reason": "not available in this onnxruntime build"} for p in skipped]
     if skipped_info:
-        from edgecli.runtime import available_providers
+        from edgecli.runtimes.ort import available_providers
 
         avail = ", ".join(available_providers())
         for s in skipped_info:

@@ -26,13 +26,8 @@ A failure raises CheckFailed (exit 1) with the numbers; nothing is published.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -208,61 +203,6 @@ def full_check(path: Path) -> None:
         raise CheckFailed(f"export: the exported model fails the ONNX checker ({msg}); nothing was published") from None
 
 
-def ort_optimize(src: Path, dst: Path, level: str) -> None:
-    """ONNX Runtime's offline graph optimisation at a portable level, saved as ONNX."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
-    so.optimized_model_filepath = str(dst)
-    so.log_severity_level = 3
-    try:
-        ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0][:300]
-        raise ModelFileError(f"export: ONNX Runtime cannot load the input model ({msg})") from None
-
-
-def convert_to_ort(model: Path, out_dir: Path, level: str) -> tuple[Path, Path]:
-    """model.ort + required_operators.config via onnxruntime.tools (offline), at ``level``."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-
-    with _temp_dir("ort") as tmp:
-        src_dir = Path(tmp) / "in"
-        dst_dir = Path(tmp) / "out"
-        src_dir.mkdir()
-        shutil.copyfile(model, src_dir / "model.onnx")
-        old = os.environ.get("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL")
-        # the tool defaults to level "all"; keep the .ort as portable as model.onnx
-        os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = level
-        buf = io.StringIO()
-        logger = logging.getLogger("ort_format_model.utils")
-        old_level = logger.level
-        logger.setLevel(logging.WARNING)
-        try:
-            with contextlib.redirect_stdout(buf):  # the tool prints progress; stdout is for results
-                convert_onnx_models_to_ort(src_dir / "model.onnx", output_dir=dst_dir,
-                                           optimization_styles=[OptimizationStyle.Fixed])
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise CheckFailed(f"export: conversion to ORT format failed ({msg})") from None
-        finally:
-            logger.setLevel(old_level)
-            if old is None:
-                os.environ.pop("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL", None)
-            else:
-                os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = old
-        orts = sorted(dst_dir.glob("*.ort"))
-        cfgs = sorted(dst_dir.glob("*.config"))
-        if not orts or not cfgs:
-            raise CheckFailed(f"export: ORT format conversion wrote no model ({buf.getvalue().strip()[-200:]})")
-        ort_path, cfg_path = out_dir / "model.ort", out_dir / "required_operators.config"
-        shutil.copyfile(orts[0], ort_path)
-        shutil.copyfile(cfgs[0], cfg_path)
-    return ort_path, cfg_path
-
-
 def _batch_dynamic(m) -> bool | None:
     """Whether the first real input's first dimension is symbolic (None when it has no dims)."""
     inits = {t.name for t in m.graph.initializer}
@@ -321,12 +261,9 @@ def parity_samples(cfg: PipelineConfig, info: dict | None, inputs, n: int) -> tu
 
 def _run(path: Path, feeds: dict, batch: int = 256, level: str = "disable") -> np.ndarray:
     """First output of ``path`` over ``feeds``, batched, at ONNX Runtime optimisation ``level``."""
-    from edgecli.runtime import make_session
+    from edgecli.runtimes.ort import make_session, run_batched
 
-    sess = make_session(path, threads=1, optimization=level)
-    n = len(next(iter(feeds.values())))
-    outs = [sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)]
-    return np.concatenate(outs).astype(np.float64)
+    return run_batched(make_session(path, threads=1, optimization=level), feeds, batch).astype(np.float64)
 
 
 def compare(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict:
@@ -371,13 +308,15 @@ def _prepare(src_model, work: Path, cfg: PipelineConfig, level: str | None, meta
     """Opset, ORT optimisation, de-duplication, metadata: one candidate model.onnx in ``work``."""
     import onnx
 
+    from edgecli.runtimes.ort import optimize_offline
+
     notes = {}
     m = convert_opset(src_model, cfg.export.opset)
     stage_in = work / "converted.onnx"
     save_model(m, stage_in)
     if level:
         opt = work / f"optimized-{level}.onnx"
-        ort_optimize(stage_in, opt, level)
+        optimize_offline(stage_in, opt, level)
         m = onnx.load(str(opt))
     notes["deduplicated_initializers"] = dedupe_initializers(m)
     drop_unused_opsets(m)
@@ -397,6 +336,7 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
     import onnx
 
     from edgecli.onnxio import load_onnx, model_inputs, parse_model_info
+    from edgecli.runtimes.ort import convert_to_ort
 
     lineage = {}
     if stage:

@@ -55,8 +55,7 @@ class Model:
     """One ONNX Runtime session plus what the model says about itself (loaded once)."""
 
     def __init__(self, path: Path, threads: int, providers: list[str]):
-        from edgecli.runtime import make_session
-        from edgecli.runtimes.ort import ORT_DTYPES
+        from edgecli.runtimes.ort import ORT_DTYPES, make_session
 
         self.path = path
         if path.suffix.lower() != ".ort":

@@ -151,7 +151,7 @@ def save_model_files(w_dir: Path, model, cfg: PipelineConfig, info: dict, x_chec
     from safetensors.torch import save_file
 
     from edgecli.onnxio import export_onnx, parity, set_metadata
-    from edgecli.runtime import make_session, run_batched
+    from edgecli.runtimes.ort import make_session, run_batched
     from edgecli.training import predict_logits
 
     model = model.cpu().eval()
