@@ -455,25 +455,3 @@ def _quiet_flower() -> None:
     lg = logging.getLogger("flwr")
     if lg.level < logging.WARNING and not logging.getLogger().isEnabledFor(logging.DEBUG):
         lg.setLevel(logging.ERROR)
-
-
-# --------------------------------------------------------------------------- Flower's deployment engine
-
-
-def server_main(grid, context) -> None:
-    """The ServerApp's main on a SuperLink: the same train stage, its clients the connected SuperNodes.
-
-    Run config: ``edgecli-config`` (path of the pipeline YAML on the SuperLink machine) and
-    ``edgecli-set`` (--set items separated by spaces, shell-quoted). Publishes ``<artifacts_dir>/<name>/train`` there.
-    """
-    from edgecli.artifacts import ArtifactStore
-    from edgecli.config import load_config
-    from edgecli.stages import train
-
-    overrides = shlex.split(str(context.run_config.get("edgecli-set", "")))
-    cfg = load_config(str(context.run_config["edgecli-config"]), overrides)
-    if cfg.train.federated is None:
-        raise ConfigError(f"{cfg.source}: train.federated is not set; nothing to run on Flower")
-    res = train.run(cfg, ArtifactStore(cfg.artifacts_dir, cfg.name), force=True, grid=grid)
-    print(f"train {res.status}: {res.dir} (test accuracy {res.metrics.get('test_accuracy')})", file=sys.stderr)
-
