@@ -468,3 +468,23 @@ def upstream_fingerprint(store: ArtifactStore, stage: str) -> str:
     """Hash of an upstream stage's manifest: changes whenever that stage is republished."""
     mpath = store.stage_dir(stage) / MANIFEST
     return sha256_file(mpath) if mpath.is_file() else ""
+
+
+def lineage_privacy(store: ArtifactStore, lineage: dict) -> dict:
+    """The train manifest's privacy/federated record (ε spent, δ, ...) when this model descends from it.
+
+    Only the train manifest whose hash is in the lineage counts: a train stage rerun since then
+    does not describe this model.
+    """
+    out: dict = {}
+    if "train" not in lineage or not store.exists("train"):
+        return out
+    mpath = store.stage_dir("train") / "manifest.json"
+    if sha256_file(mpath) != lineage["train"]:
+        return out
+    man = json.loads(mpath.read_text())
+    if man.get("privacy"):
+        out["privacy"] = man["privacy"]
+    if man.get("federated"):
+        out["federated"] = man["federated"]
+    return out

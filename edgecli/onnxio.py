@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import warnings
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecli.errors import CheckFailed, ModelFileError
+from edgecli.errors import CheckFailed, ConfigError, ModelFileError
 from edgecli.runtimes.feeds import InputSpec
 
 INPUT_NAME = "input"
@@ -197,13 +198,25 @@ def load_onnx(path: str | Path, *, load_external: bool = True):
     return m
 
 
-def parity(ref: np.ndarray, got: np.ndarray, atol: float, what: str) -> dict:
-    """Compare two output arrays; return the numbers, raise CheckFailed beyond tolerance."""
+def parity(ref: np.ndarray, got: np.ndarray, atol: float | None = None, what: str | None = None, *,
+           labels: np.ndarray | None = None) -> dict:
+    """Compare two output arrays: max abs diff, top-1 agreement (class scores: 2-D, more than one
+    column) and, with ``labels``, both accuracies. With ``what``, a check: CheckFailed beyond ``atol``
+    or below 100% top-1 agreement."""
     from edgecli.metrics import max_abs_diff, top1_agreement
 
     diff = max_abs_diff(ref, got)
-    agree = top1_agreement(ref, got)
-    res = {"max_abs_diff": diff, "top1_agreement": agree, "atol": atol, "samples": int(len(ref)), "passed": True}
+    res = {"max_abs_diff": diff, "samples": int(len(ref))}
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        res["top1_agreement"] = top1_agreement(ref, got)
+        if labels is not None:
+            a_in = float(np.mean(ref.argmax(1) == labels))
+            a_out = float(np.mean(got.argmax(1) == labels))
+            res.update(input_accuracy=a_in, export_accuracy=a_out, accuracy_delta=a_out - a_in)
+    if what is None:
+        return res
+    agree = res.get("top1_agreement", 1.0)
+    res.update(atol=atol, passed=True)
     if not (diff <= atol and agree == 1.0):
         res["passed"] = False
         raise CheckFailed(
@@ -211,6 +224,40 @@ def parity(ref: np.ndarray, got: np.ndarray, atol: float, what: str) -> dict:
             f"or top-1 agreement {agree:.4f} < 1); nothing was published"
         )
     return res
+
+
+def parity_samples(cfg, info: dict | None, inputs, n: int) -> tuple[dict, np.ndarray | None, str]:
+    """(feeds, labels or None, source) to compare a model with its conversion on: the pipeline's test split
+    through the model's own preprocessing, else seeded random inputs (``cfg.seed``)."""
+    from edgecli.errors import DataError
+    from edgecli.runtimes.feeds import fit_problem, synthetic_feeds
+
+    problem = None
+    if info and info.get("preprocess"):
+        try:
+            from edgecli.data import load_splits
+            from edgecli.data.preprocess import PreprocessSpec
+
+            splits = load_splits(cfg)
+            spec = PreprocessSpec.from_dict(info["preprocess"])
+            raw, y = splits.test.raw[:n], splits.test.y[:n]
+            x = spec.apply(raw)
+            feeds = x if isinstance(x, dict) else {inputs[0].name: x}
+            for spec_in in inputs:
+                if spec_in.name not in feeds:
+                    problem = f"no data for model input {spec_in.name}"
+                    break
+                problem = fit_problem(feeds[spec_in.name], spec_in)
+                if problem:
+                    break
+            if problem is None:
+                feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in {i.name for i in inputs}}
+                return feeds, np.asarray(y), f"test split ({len(y)} samples)"
+        except DataError as e:
+            problem = e.message
+    feeds = synthetic_feeds(inputs, n, np.random.default_rng(cfg.seed), int_high=100)
+    why = f" ({problem})" if problem else ""
+    return feeds, None, f"seeded random inputs ({n} samples){why}"
 
 
 def set_metadata(path: Path, props: dict[str, object]) -> None:
@@ -280,6 +327,205 @@ def parse_model_info(text: str | None, where: str) -> dict | None:
         except DataError as e:
             raise ModelFileError(f"{where}: edgecli.model_info: {e.message}") from None
     return info
+
+
+def save_model_files(w_dir: Path, model, cfg, info: dict, x_check, opset: int, atol: float, what: str) -> dict:
+    """Export and check: weights.safetensors + model.onnx (with metadata, ``cfg.name`` as the pipeline),
+    and the ONNX Runtime vs PyTorch parity numbers (CheckFailed beyond ``atol``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edgecli import __version__
+    from edgecli.runtimes.ort import make_session, run_batched
+    from edgecli.training import predict_logits
+
+    model = model.cpu().eval()
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(w_dir / "weights.safetensors"))
+    io = getattr(model, "onnx_io", None)
+    if io:
+        spec = io()
+        export_onnx(model, spec["example_inputs"], w_dir / "model.onnx", opset=opset,
+                    input_names=spec["input_names"], output_names=spec["output_names"], dynamic_axes=spec.get("dynamic_axes"))
+    else:
+        example = torch.as_tensor(x_check[:1])
+        export_onnx(model, (example,), w_dir / "model.onnx", opset=opset)
+    set_metadata(w_dir / "model.onnx", {"edgecli.model_info": info, "edgecli.version": __version__,
+                                         "edgecli.pipeline": cfg.name})
+    sess = make_session(w_dir / "model.onnx", threads=1)
+    ref = predict_logits(model, x_check)
+    got = run_batched(sess, x_check)
+    return parity(ref, got, atol, what)
+
+
+# --------------------------------------------------------------------------- graph work (export)
+
+# ops whose presence means the model computes in reduced precision: parity is judged by top-1
+# agreement and accuracy delta there, since offline fusion (QDQ -> QLinearConv) changes rounding
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+             "DynamicQuantizeLinear", "MatMulNBits", "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul",
+             "QAttention", "QGemm", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid"}
+TWO_GB = 2**31
+
+
+def opset_of(m) -> int:
+    """The model's default-domain (ai.onnx) opset; 0 when it declares none."""
+    for imp in m.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def convert_opset(m, target: int | None):
+    """Convert the default-domain opset to ``target``; a ConfigError when ONNX cannot."""
+    import onnx
+    from onnx import version_converter
+
+    cur = opset_of(m)
+    if target is None or target == cur:
+        return m
+    try:
+        out = version_converter.convert_version(m, target)
+        onnx.checker.check_model(out)
+    except Exception as e:  # the converter raises bare RuntimeErrors for unsupported adapters
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"export.opset: cannot convert this model from opset {cur} to {target} ({msg})",
+                          hint=f"use export.opset: {cur} (the input's opset) or leave it unset") from None
+    return out
+
+
+def dedupe_initializers(m) -> int:
+    """Merge initializers with identical dtype, shape and bytes; return how many were removed."""
+    from onnx import numpy_helper
+
+    graph_io = {v.name for v in m.graph.input} | {v.name for v in m.graph.output}
+    canon: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    for t in m.graph.initializer:
+        if t.name in graph_io or t.data_location == 1:  # overridable inputs / external data stay as they are
+            continue
+        arr = numpy_helper.to_array(t)
+        key = (t.data_type, tuple(t.dims), hashlib.sha256(arr.tobytes()).hexdigest())
+        if key in canon:
+            rename[t.name] = canon[key]
+        else:
+            canon[key] = t.name
+    if not rename:
+        return 0
+
+    def fix(graph):
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+            for attr in node.attribute:
+                if attr.g is not None and attr.HasField("g"):
+                    fix(attr.g)
+                for g in attr.graphs:
+                    fix(g)
+
+    fix(m.graph)
+    keep = [t for t in m.graph.initializer if t.name not in rename]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    vi = [v for v in m.graph.value_info if v.name not in rename]
+    del m.graph.value_info[:]
+    m.graph.value_info.extend(vi)
+    return len(rename)
+
+
+def _used_domains(graph, out: set[str]) -> None:
+    for node in graph.node:
+        out.add(node.domain or "")
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _used_domains(attr.g, out)
+            for g in attr.graphs:
+                _used_domains(g, out)
+
+
+def drop_unused_opsets(m) -> list[str]:
+    """Remove opset imports no node uses; return their domains.
+
+    ONNX Runtime's optimised model declares every domain it knows (training, nchwc, aten...):
+    a deployer reading the model, or a minimal build, should see only what the graph needs.
+    """
+    used: set[str] = set()
+    _used_domains(m.graph, used)
+    for f in m.functions:
+        used.add(f.domain)
+        for node in f.node:
+            used.add(node.domain or "")
+    keep = [o for o in m.opset_import if (o.domain or "") in used or o.domain in ("", "ai.onnx")]
+    dropped = [o.domain for o in m.opset_import if o not in keep]
+    if dropped:
+        del m.opset_import[:]
+        m.opset_import.extend(keep)
+    return dropped
+
+
+def tensor_bytes(m) -> int:
+    return sum(len(t.raw_data) or 0 for t in m.graph.initializer)
+
+
+def save_model(m, path: Path) -> None:
+    """Weights inside the file; external data (beside it) only when protobuf's 2 GB limit forces it."""
+    import onnx
+
+    if tensor_bytes(m) > TWO_GB - (64 << 20):
+        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(m, str(path))
+
+
+def full_check(path: Path) -> None:
+    """The full ONNX checker on a saved model; CheckFailed ("nothing was published") when it fails."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckFailed(f"export: the exported model fails the ONNX checker ({msg}); nothing was published") from None
+
+
+def batch_dynamic(m) -> bool | None:
+    """Whether the first real input's first dimension is symbolic (None when it has no dims)."""
+    inits = {t.name for t in m.graph.initializer}
+    for vi in m.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not dims:
+            return None
+        return not (dims[0].HasField("dim_value") and dims[0].dim_value > 0)
+    return None
+
+
+def is_quantized(m) -> bool:
+    """Whether the model computes in reduced precision (quantized ops or FP16 weights)."""
+    from onnx import TensorProto
+
+    if any(n.op_type in QUANT_OPS for n in m.graph.node):
+        return True
+    return any(t.data_type == TensorProto.FLOAT16 for t in m.graph.initializer)
+
+
+def io_desc(vi) -> dict:
+    """name, shape (ints; dim names or None for symbolic dims) and numpy dtype name of a graph input/output."""
+    from onnx import helper
+
+    tt = vi.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in tt.shape.dim]
+    return {"name": vi.name, "shape": shape, "dtype": helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+            if tt.elem_type else None}
+
+
+def model_files(path: Path) -> list[Path]:
+    """An ONNX file and the external-data files it names (what a hash of the input covers)."""
+    m = load_onnx(path, load_external=False)
+    locs = sorted({dict((e.key, e.value) for e in t.external_data).get("location", "") for t in _external_tensors(m)})
+    return [path] + [path.parent / loc for loc in locs if loc]
 
 
 # --------------------------------------------------------------------------- model inputs

@@ -180,7 +180,7 @@ def test_dedupe_initializers_and_unused_opsets(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgecli.stages.export import dedupe_initializers, drop_unused_opsets
+    from edgecli.onnxio import dedupe_initializers, drop_unused_opsets
 
     w = np.arange(6, dtype=np.float32).reshape(2, 3)
     inits = [numpy_helper.from_array(w, "w1"), numpy_helper.from_array(w.copy(), "w2"),

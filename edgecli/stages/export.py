@@ -26,7 +26,6 @@ A failure raises CheckFailed (exit 1) with the numbers; nothing is published.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -35,17 +34,11 @@ import numpy as np
 from edgecli import __version__
 from edgecli.artifacts import ArtifactStore, StageWriter, sha256_file, sha256_json, upstream_fingerprint
 from edgecli.config import PipelineConfig
-from edgecli.errors import CheckFailed, ConfigError, DataError, ModelFileError
+from edgecli.errors import CheckFailed, ConfigError, ModelFileError
 from edgecli.safeio import temp_dir as _temp_dir
 from edgecli.stages import StageResult, Table, run_stage
 
 STAGE = "export"
-TWO_GB = 2**31
-# ops whose presence means the model computes in reduced precision: parity is judged by top-1
-# agreement and accuracy delta there, since offline fusion (QDQ -> QLinearConv) changes rounding
-QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
-             "DynamicQuantizeLinear", "MatMulNBits", "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul",
-             "QAttention", "QGemm", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSigmoid"}
 
 
 # --------------------------------------------------------------------------- input and fingerprint
@@ -61,18 +54,11 @@ def _input_ref(cfg: PipelineConfig, store: ArtifactStore) -> tuple[str | None, P
     return resolve_input(store, ref, ("compress", "train"), "export.input")
 
 
-def _model_files(path: Path) -> list[Path]:
-    """An ONNX file and the external-data files it names (what the input's hash covers)."""
-    from edgecli.onnxio import _external_tensors, load_onnx
-
-    m = load_onnx(path, load_external=False)
-    locs = sorted({dict((e.key, e.value) for e in t.external_data).get("location", "") for t in _external_tensors(m)})
-    return [path] + [path.parent / loc for loc in locs if loc]
-
-
 def fingerprint(cfg: PipelineConfig, store: ArtifactStore, stage: str | None, path: Path) -> str:
     """Export section + the upstream manifest hash (or the input file hashes) + what parity reads."""
-    files = {} if stage else {p.name: sha256_file(p) for p in _model_files(path)}
+    from edgecli.onnxio import model_files
+
+    files = {} if stage else {p.name: sha256_file(p) for p in model_files(path)}
     return sha256_json({
         "stage": STAGE, "version": __version__, "seed": cfg.seed, "export": cfg.section("export"),
         "data": cfg.section("data"), "input_stage": stage,
@@ -80,202 +66,11 @@ def fingerprint(cfg: PipelineConfig, store: ArtifactStore, stage: str | None, pa
     })
 
 
-# --------------------------------------------------------------------------- graph work
-
-
-def _opset(m) -> int:
-    for imp in m.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 0
-
-
-def convert_opset(m, target: int | None):
-    """Convert the default-domain opset to ``target``; a ConfigError when ONNX cannot."""
-    import onnx
-    from onnx import version_converter
-
-    cur = _opset(m)
-    if target is None or target == cur:
-        return m
-    try:
-        out = version_converter.convert_version(m, target)
-        onnx.checker.check_model(out)
-    except Exception as e:  # the converter raises bare RuntimeErrors for unsupported adapters
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"export.opset: cannot convert this model from opset {cur} to {target} ({msg})",
-                          hint=f"use export.opset: {cur} (the input's opset) or leave it unset") from None
-    return out
-
-
-def dedupe_initializers(m) -> int:
-    """Merge initializers with identical dtype, shape and bytes; return how many were removed."""
-    from onnx import numpy_helper
-
-    graph_io = {v.name for v in m.graph.input} | {v.name for v in m.graph.output}
-    canon: dict[tuple, str] = {}
-    rename: dict[str, str] = {}
-    for t in m.graph.initializer:
-        if t.name in graph_io or t.data_location == 1:  # overridable inputs / external data stay as they are
-            continue
-        arr = numpy_helper.to_array(t)
-        key = (t.data_type, tuple(t.dims), hashlib.sha256(arr.tobytes()).hexdigest())
-        if key in canon:
-            rename[t.name] = canon[key]
-        else:
-            canon[key] = t.name
-    if not rename:
-        return 0
-
-    def fix(graph):
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                if name in rename:
-                    node.input[i] = rename[name]
-            for attr in node.attribute:
-                if attr.g is not None and attr.HasField("g"):
-                    fix(attr.g)
-                for g in attr.graphs:
-                    fix(g)
-
-    fix(m.graph)
-    keep = [t for t in m.graph.initializer if t.name not in rename]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep)
-    vi = [v for v in m.graph.value_info if v.name not in rename]
-    del m.graph.value_info[:]
-    m.graph.value_info.extend(vi)
-    return len(rename)
-
-
-def _used_domains(graph, out: set[str]) -> None:
-    for node in graph.node:
-        out.add(node.domain or "")
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                _used_domains(attr.g, out)
-            for g in attr.graphs:
-                _used_domains(g, out)
-
-
-def drop_unused_opsets(m) -> list[str]:
-    """Remove opset imports no node uses; return their domains.
-
-    ONNX Runtime's optimised model declares every domain it knows (training, nchwc, aten...):
-    a deployer reading the model, or a minimal build, should see only what the graph needs.
-    """
-    used: set[str] = set()
-    _used_domains(m.graph, used)
-    for f in m.functions:
-        used.add(f.domain)
-        for node in f.node:
-            used.add(node.domain or "")
-    keep = [o for o in m.opset_import if (o.domain or "") in used or o.domain in ("", "ai.onnx")]
-    dropped = [o.domain for o in m.opset_import if o not in keep]
-    if dropped:
-        del m.opset_import[:]
-        m.opset_import.extend(keep)
-    return dropped
-
-
-def _tensor_bytes(m) -> int:
-    return sum(len(t.raw_data) or 0 for t in m.graph.initializer)
-
-
-def save_model(m, path: Path) -> None:
-    """Weights inside the file; external data (beside it) only when protobuf's 2 GB limit forces it."""
-    import onnx
-
-    if _tensor_bytes(m) > TWO_GB - (64 << 20):
-        onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(m, str(path))
-
-
-def full_check(path: Path) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckFailed(f"export: the exported model fails the ONNX checker ({msg}); nothing was published") from None
-
-
-def _batch_dynamic(m) -> bool | None:
-    """Whether the first real input's first dimension is symbolic (None when it has no dims)."""
-    inits = {t.name for t in m.graph.initializer}
-    for vi in m.graph.input:
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        if not dims:
-            return None
-        return not (dims[0].HasField("dim_value") and dims[0].dim_value > 0)
-    return None
-
-
-def is_quantized(m) -> bool:
-    from onnx import TensorProto
-
-    if any(n.op_type in QUANT_OPS for n in m.graph.node):
-        return True
-    return any(t.data_type == TensorProto.FLOAT16 for t in m.graph.initializer)
-
-
-# --------------------------------------------------------------------------- parity samples
-
-
-def parity_samples(cfg: PipelineConfig, info: dict | None, inputs, n: int) -> tuple[dict, np.ndarray | None, str]:
-    """(feeds, labels or None, source): the test split through the model's preprocessing, else seeded random."""
-    from edgecli.runtimes.feeds import fit_problem, synthetic_feeds
-
-    problem = None
-    if info and info.get("preprocess"):
-        try:
-            from edgecli.data import load_splits
-            from edgecli.data.preprocess import PreprocessSpec
-
-            splits = load_splits(cfg)
-            spec = PreprocessSpec.from_dict(info["preprocess"])
-            raw, y = splits.test.raw[:n], splits.test.y[:n]
-            x = spec.apply(raw)
-            feeds = x if isinstance(x, dict) else {inputs[0].name: x}
-            for spec_in in inputs:
-                if spec_in.name not in feeds:
-                    problem = f"no data for model input {spec_in.name}"
-                    break
-                problem = fit_problem(feeds[spec_in.name], spec_in)
-                if problem:
-                    break
-            if problem is None:
-                feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in {i.name for i in inputs}}
-                return feeds, np.asarray(y), f"test split ({len(y)} samples)"
-        except DataError as e:
-            problem = e.message
-    feeds = synthetic_feeds(inputs, n, np.random.default_rng(cfg.seed), int_high=100)
-    why = f" ({problem})" if problem else ""
-    return feeds, None, f"seeded random inputs ({n} samples){why}"
-
-
 def _run(path: Path, feeds: dict, batch: int = 256, level: str = "disable") -> np.ndarray:
     """First output of ``path`` over ``feeds``, batched, at ONNX Runtime optimisation ``level``."""
     from edgecli.runtimes.ort import make_session, run_batched
 
     return run_batched(make_session(path, threads=1, optimization=level), feeds, batch).astype(np.float64)
-
-
-def compare(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict:
-    """max abs diff, top-1 agreement and (with labels) both accuracies."""
-    res = {"samples": int(len(ref)), "max_abs_diff": float(np.max(np.abs(ref - got))) if ref.size else 0.0}
-    if ref.ndim == 2 and ref.shape[1] > 1:
-        res["top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
-        if labels is not None:
-            a_in = float(np.mean(ref.argmax(1) == labels))
-            a_out = float(np.mean(got.argmax(1) == labels))
-            res.update(input_accuracy=a_in, export_accuracy=a_out, accuracy_delta=a_out - a_in)
-    return res
 
 
 # --------------------------------------------------------------------------- the stage
@@ -308,6 +103,7 @@ def _prepare(src_model, work: Path, cfg: PipelineConfig, level: str | None, meta
     """Opset, ORT optimisation, de-duplication, metadata: one candidate model.onnx in ``work``."""
     import onnx
 
+    from edgecli.onnxio import convert_opset, dedupe_initializers, drop_unused_opsets, save_model
     from edgecli.runtimes.ort import optimize_offline
 
     notes = {}
@@ -333,10 +129,45 @@ def _prepare(src_model, work: Path, cfg: PipelineConfig, level: str | None, meta
 
 def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path, stage: str | None, src: Path,
            state: dict, log):
+    """Read the input, take its reference outputs, pick the optimisation level, check parity, publish."""
+    from edgecli.artifacts import lineage_privacy
+    from edgecli.onnxio import batch_dynamic, is_quantized, parity_samples
+
+    lineage = _record_inputs(w, stage, src)
+    src_model, meta, info, inputs, src_local = _read_input(cfg, stage, src, work, lineage)
+    quantized = is_quantized(src_model)
+    pc = cfg.export.parity
+    feeds, labels, sample_src = parity_samples(cfg, info, inputs, pc.samples)
+    log(f"parity samples: {sample_src}")
+    # float: both graphs as written ("disable"), so what is measured is what export did to them.
+    # quantized: both as ONNX Runtime runs them (QDQ fused into integer kernels at "extended"); as
+    # written, a QDQ graph computes in float and would differ from any deployed run of either model
+    run_level = "extended" if quantized else "disable"
+    ref = _run(src_local, feeds, level=run_level)
+    cand, level, gnotes, notes = _choose_level(cfg, src_model, work, meta, log)
     import onnx
 
-    from edgecli.onnxio import load_onnx, model_inputs, parse_model_info
-    from edgecli.runtimes.ort import convert_to_ort
+    m = onnx.load(str(cand))
+    if batch_dynamic(src_model) and not batch_dynamic(m):
+        raise CheckFailed("export: the optimised model lost the dynamic batch axis; nothing was published")
+    par = _check_parity(cfg, ref, _run(cand, feeds, level=run_level), labels, sample_src, quantized, run_level)
+    state["parity"] = par
+    card = _card(m, cfg, stage, src, info, lineage, level, par, gnotes, notes, quantized)
+    card.update(lineage_privacy(store, lineage))
+    _publish(cfg, w, m, card, level, feeds, state)
+    state.update(card=card, notes=notes)
+    files = card["files"]
+    metrics = {"bytes": files["model.onnx"]["bytes"], "sha256": files["model.onnx"]["sha256"],
+               "opset": card["opset"], "optimization_level": level or "none",
+               "parity_max_abs_diff": par["max_abs_diff"], "parity_top1_agreement": par.get("top1_agreement"),
+               "accuracy_delta": par.get("accuracy_delta"), "ort_bytes": files.get("model.ort", {}).get("bytes")}
+    extra = {"model_info": info, "card": {k: v for k, v in card.items() if k != "files"}, "seed": cfg.seed}
+    return cfg.section("export"), metrics, extra
+
+
+def _record_inputs(w: StageWriter, stage: str | None, src: Path) -> dict:
+    """Record the input (an upstream stage, or files) in the manifest; return the model's lineage."""
+    from edgecli.onnxio import model_files
 
     lineage = {}
     if stage:
@@ -347,9 +178,16 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
         for k, v in (up.get("upstream") or {}).items():
             lineage.setdefault(k, v)
     else:
-        for p in _model_files(src):
+        for p in model_files(src):
             w.add_input(str(p), p)
             lineage[f"file:{p.name}"] = sha256_file(p)
+    return lineage
+
+
+def _read_input(cfg: PipelineConfig, stage: str | None, src: Path, work: Path, lineage: dict):
+    """(model, metadata for the export, model_info, inputs, self-contained local copy) of the input."""
+    from edgecli.onnxio import load_onnx, model_inputs, parse_model_info, save_model
+
     src_model = load_onnx(src)  # guarded: truncated, non-ONNX, escaping external data are refused here
     meta = {p.key: p.value for p in src_model.metadata_props}
     meta.pop("edgecli.card", None)
@@ -359,26 +197,21 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
     inputs = model_inputs(src_model)
     if not inputs:
         raise ModelFileError(f"{src}: the model has no inputs")
-    quantized = is_quantized(src_model)
-    src_dynamic = _batch_dynamic(src_model)
     meta["edgecli.export"] = json.dumps({"input": cfg.export.input or stage, "input_stage": stage,
                                          "lineage": lineage}, sort_keys=True)
     meta["edgecli.version"] = __version__
+    return src_model, meta, info, inputs, src_local
 
-    pc = cfg.export.parity
-    feeds, labels, sample_src = parity_samples(cfg, info, inputs, pc.samples)
-    log(f"parity samples: {sample_src}")
-    # float: both graphs as written ("disable"), so what is measured is what export did to them.
-    # quantized: both as ONNX Runtime runs them (QDQ fused into integer kernels at "extended"); as
-    # written, a QDQ graph computes in float and would differ from any deployed run of either model
-    run_level = "extended" if quantized else "disable"
-    ref = _run(src_local, feeds, level=run_level)
+
+def _choose_level(cfg: PipelineConfig, src_model, work: Path, meta: dict, log):
+    """(candidate path, level, graph notes, notes): the configured level, or basic when extended fails a check."""
+    from edgecli.onnxio import full_check
+    from edgecli.runtimes.ort import convert_to_ort
 
     levels: list[str | None] = [cfg.export.optimization_level] if cfg.export.optimize else [None]
     if levels[0] == "extended":
         levels.append("basic")
     notes: list[str] = []
-    chosen = None
     for level in levels:
         cand, gnotes = _prepare(src_model, work, cfg, level, meta)
         problem = None
@@ -394,16 +227,16 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
             continue
         if problem:
             raise CheckFailed(problem)
-        chosen = (cand, level, gnotes)
-        break
-    assert chosen is not None
-    cand, level, gnotes = chosen
-    m = onnx.load(str(cand))
-    if src_dynamic and not _batch_dynamic(m):
-        raise CheckFailed("export: the optimised model lost the dynamic batch axis; nothing was published")
+        return cand, level, gnotes, notes
+    raise AssertionError("unreachable: the last level either passes or raises")
 
-    got = _run(cand, feeds, level=run_level)
-    par = compare(ref, got, labels)
+
+def _check_parity(cfg: PipelineConfig, ref, got, labels, sample_src: str, quantized: bool, run_level: str) -> dict:
+    """The parity record of the candidate against its input; CheckFailed (nothing published) when it fails."""
+    from edgecli.onnxio import parity
+
+    pc = cfg.export.parity
+    par = parity(ref, got, labels=labels)
     par.update(source=sample_src, mode="quantized" if quantized else "float", runtime_level=run_level)
     if quantized:
         par["min_agreement"] = pc.min_agreement_quantized
@@ -415,25 +248,27 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
         ok = par["max_abs_diff"] <= pc.atol and par.get("top1_agreement", 1.0) == 1.0
         what = f"max abs diff {par['max_abs_diff']:.3g} (atol {pc.atol:g}), top-1 agreement {par.get('top1_agreement', 1.0):.4f}"
     par["passed"] = bool(ok)
-    state["parity"] = par
     if not ok:
         raise CheckFailed(f"export parity ({par['mode']} input, {sample_src}): the exported model differs from its "
                           f"input: {what}; nothing was published")
+    return par
 
-    # the card, embedded, then the final file
-    card = _card(m, cfg, stage, src, info, lineage, level, par, gnotes, notes, quantized)
-    card.update(_training_privacy(store, lineage))
+
+def _publish(cfg: PipelineConfig, w: StageWriter, m, card: dict, level: str | None, feeds: dict, state: dict) -> None:
+    """The card embedded, then the final model.onnx, model.ort (checked against it) and card.json."""
+    from edgecli.onnxio import full_check, model_bytes, parity, save_model
+    from edgecli.runtimes.ort import convert_to_ort
+
+    pc = cfg.export.parity
     e = m.metadata_props.add()
     e.key, e.value = "edgecli.card", json.dumps(card, sort_keys=True)
     final = w.path("model.onnx")
     save_model(m, final)
     full_check(final)
-    files = {"model.onnx": {"bytes": _bytes(final), "sha256": sha256_file(final)}}
+    files = {"model.onnx": {"bytes": model_bytes(final), "sha256": sha256_file(final)}}
     if cfg.export.ort_format:
         ort_path, cfg_path = convert_to_ort(final, w.dir, level or "disable")
-        ort_out = _run_ort(ort_path, feeds)
-        onnx_out = _run(final, feeds)
-        ort_check = compare(onnx_out, ort_out, None)
+        ort_check = parity(_run(final, feeds), _run(ort_path, feeds))
         ort_check["passed"] = ort_check["max_abs_diff"] <= pc.atol and ort_check.get("top1_agreement", 1.0) == 1.0
         if not ort_check["passed"]:
             raise CheckFailed(f"export: model.ort differs from model.onnx (max abs diff {ort_check['max_abs_diff']:.3g}, "
@@ -444,13 +279,6 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
         state["ort_check"] = ort_check
     card["files"] = files
     (w.dir / "card.json").write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
-    state.update(card=card, notes=notes)
-    metrics = {"bytes": files["model.onnx"]["bytes"], "sha256": files["model.onnx"]["sha256"],
-               "opset": card["opset"], "optimization_level": level or "none",
-               "parity_max_abs_diff": par["max_abs_diff"], "parity_top1_agreement": par.get("top1_agreement"),
-               "accuracy_delta": par.get("accuracy_delta"), "ort_bytes": files.get("model.ort", {}).get("bytes")}
-    extra = {"model_info": info, "card": {k: v for k, v in card.items() if k != "files"}, "seed": cfg.seed}
-    return cfg.section("export"), metrics, extra
 
 
 def _mkdir(p: Path) -> Path:
@@ -458,53 +286,16 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
-def _bytes(path: Path) -> int:
-    from edgecli.onnxio import model_bytes
-
-    return model_bytes(path)
-
-
-def _run_ort(path: Path, feeds: dict) -> np.ndarray:
-    return _run(path, feeds)
-
-
-def _io_desc(vi) -> dict:
-    from onnx import helper
-
-    tt = vi.type.tensor_type
-    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in tt.shape.dim]
-    return {"name": vi.name, "shape": shape, "dtype": helper.tensor_dtype_to_np_dtype(tt.elem_type).name
-            if tt.elem_type else None}
-
-
-def _training_privacy(store: ArtifactStore, lineage: dict) -> dict:
-    """The train manifest's privacy/federated record (ε spent, δ, ...) when this model descends from it.
-
-    Only the train manifest whose hash is in the lineage counts: a train stage rerun since then
-    does not describe this model.
-    """
-    out: dict = {}
-    if "train" not in lineage or not store.exists("train"):
-        return out
-    mpath = store.stage_dir("train") / "manifest.json"
-    if sha256_file(mpath) != lineage["train"]:
-        return out
-    man = json.loads(mpath.read_text())
-    if man.get("privacy"):
-        out["privacy"] = man["privacy"]
-    if man.get("federated"):
-        out["federated"] = man["federated"]
-    return out
-
-
 def _card(m, cfg, stage, src: Path, info: dict | None, lineage: dict, level, par: dict, gnotes: dict,
           notes: list[str], quantized: bool) -> dict:
+    from edgecli.onnxio import io_desc, opset_of
+
     inits = {t.name for t in m.graph.initializer}
     return {
         "format": "edgecli.card/1",
         "edgecli_version": __version__,
-        "inputs": [_io_desc(v) for v in m.graph.input if v.name not in inits],
-        "outputs": [_io_desc(v) for v in m.graph.output],
+        "inputs": [io_desc(v) for v in m.graph.input if v.name not in inits],
+        "outputs": [io_desc(v) for v in m.graph.output],
         "output_names": [v.name for v in m.graph.output],
         "kind": (info or {}).get("kind"),
         "arch": (info or {}).get("arch"),
@@ -513,7 +304,7 @@ def _card(m, cfg, stage, src: Path, info: dict | None, lineage: dict, level, par
         "preprocess": (info or {}).get("preprocess"),
         "source": {"input": cfg.export.input or stage, "stage": stage, "path": str(src)},
         "lineage": lineage,
-        "opset": _opset(m),
+        "opset": opset_of(m),
         "ir_version": int(m.ir_version),
         "quantized": quantized,
         "optimization_level": level or "none",
