@@ -1,9 +1,34 @@
-"""Shared test helpers: tiny configs, a CLI runner, and a small digits model trained once per session."""
+"""Shared test helpers: tiny configs, three ways to run a stage, and a small digits model trained once per session.
+
+The tiers (pick the cheapest one that can see the behaviour under test):
+
+1. **library**: call the module under test (``edgecli.training.fit``, ``edgecli.compression.prune...``)
+   on tiny tensors or models. Most of test_data, test_quantize, test_distill.
+2. **in-process stage** (the default for stage tests), two helpers that reuse the CLI's own path:
+   - ``run_stage(stage, config, *sets, **kwargs)`` makes the very call ``edgecli.cli._invoke`` makes,
+     ``edgecli.stages.<stage>.run(load_config(config, sets), ArtifactStore.for_config(cfg), ...)``, and
+     returns the ``StageResult``: assert on its fields and on the files it published. A failure is a
+     Python traceback in this process, not captured stderr.
+   - ``cli(*args)`` runs the typer app itself in this process (``typer.testing.CliRunner``) and returns
+     ``returncode``/``stdout``/``stderr`` like a subprocess would: for tests of the one-line messages, the
+     exit codes and the tables the funnel prints. An exception the funnel does not know is re-raised
+     with its traceback instead of becoming "error: unexpected ..." (``unexpected="report"`` keeps it).
+   Neither pays a torch import per call (2-3 s each on a loaded 2-core machine).
+3. **subprocess**: ``edgecli(*args)`` spawns ``python -m edgecli``. Kept only where a real process is the
+   point: exit codes of the console entry point, stdout kept clean of library chatter at the fd level,
+   signals (SIGTERM/SIGKILL, closed pipes), locks held by another process, and what a fresh process
+   imports (``--help`` without torch, infer without torch/sklearn).
+4. **slow** (``-m slow``) and **gpu**: longer runs and CUDA-only checks, outside the default suite.
+
+Fixtures that train (``trained_cnn`` here, the module-scoped ones in test files) train once into a
+``tmp_path_factory`` directory; tests copy them (``copy_pipeline``) before changing anything.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,6 +38,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+CLI_ENV = {"NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200"}
 
 
 def tiny_config(name: str = "tiny", artifacts: str | Path = "artifacts", **sections) -> dict:
@@ -39,10 +65,78 @@ def write_config(path: Path, cfg: dict) -> Path:
 def edgecli(*args: str, cwd: Path | None = None, input: str | None = None, env: dict | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess (real exit codes, real stdout/stderr)."""
-    full_env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200", **(env or {})}
+    full_env = {**os.environ, **CLI_ENV, **(env or {})}
     full_env.pop("EDGECLI_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "edgecli", *args], cwd=cwd, input=input, capture_output=True,
                           text=True, env=full_env, timeout=timeout)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class _Chdir:
+    def __init__(self, cwd):
+        self.cwd, self.old = cwd, None
+
+    def __enter__(self):
+        if self.cwd is not None:
+            self.old = os.getcwd()
+            os.chdir(self.cwd)
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            os.chdir(self.old)
+
+
+def cli(*args: str, cwd: Path | None = None, input: str | None = None, env: dict | None = None,
+        unexpected: str = "raise") -> CliResult:
+    """Run ``edgecli <args>`` in this process through the typer app: same parsing, funnel and exit code.
+
+    ``unexpected="raise"`` re-raises an exception the error table does not know (a bug) with its
+    traceback; ``"report"`` lets the funnel print its one line as the installed CLI would.
+    """
+    from typer.testing import CliRunner
+
+    import edgecli.cli as cli_mod
+    from edgecli.report import set_quiet
+
+    original = cli_mod.report_unexpected
+
+    def _raise(exc):
+        if isinstance(exc, RecursionError):  # a known answer ("input nested too deeply"), not a bug
+            return original(exc)
+        raise exc
+
+    old_term = signal.getsignal(signal.SIGTERM)
+    old_verbose = os.environ.get("EDGECLI_VERBOSE")
+    cli_mod.report_unexpected = _raise if unexpected == "raise" else original
+    try:
+        with _Chdir(cwd):
+            r = CliRunner().invoke(cli_mod.app, list(args), input=input, catch_exceptions=False,
+                                   env={**CLI_ENV, "EDGECLI_DEBUG": None, **(env or {})})
+    finally:
+        # _invoke sets process-wide state for a one-shot process: undo it for the next test
+        cli_mod.report_unexpected = original
+        cli_mod._term_pending = False
+        signal.signal(signal.SIGTERM, old_term)
+        set_quiet(False)
+        if old_verbose is None:
+            os.environ.pop("EDGECLI_VERBOSE", None)
+    return CliResult(r.exit_code, r.stdout, r.stderr)
+
+
+def run_stage(stage: str, config: str | Path, *sets: str, force: bool = False, **kwargs):
+    """``edgecli <stage> -c config --set ...`` as the library call the CLI makes; returns the StageResult."""
+    from edgecli.artifacts import ArtifactStore
+    from edgecli.cli import _stage_module
+    from edgecli.config import load_config
+
+    cfg = load_config(config, list(sets))
+    return _stage_module(stage).run(cfg, ArtifactStore.for_config(cfg), force=force, quiet=True, **kwargs)
 
 
 @dataclass
@@ -61,27 +155,27 @@ class Pipeline:
 
 @pytest.fixture(scope="session")
 def trained_cnn(tmp_path_factory) -> Pipeline:
-    """A tiny digits CNN trained once per session through the real CLI (about 5 s).
+    """A tiny digits CNN trained once per session, in this process (about 5 s).
 
     Tests must not modify its artifacts; copy the directory (``copy_pipeline``) to change things.
     """
     d = tmp_path_factory.mktemp("trained_cnn")
     cfg = tiny_config("tiny", d / "artifacts")
     cfg_path = write_config(d / "config.yaml", cfg)
-    r = edgecli("train", "-c", str(cfg_path), "-q", cwd=d)
-    assert r.returncode == 0, r.stderr
+    assert run_stage("train", cfg_path).status == "done"
     return Pipeline(d, cfg_path, cfg)
+
+
+def copy_of(p: Pipeline, dst: Path) -> Pipeline:
+    """A copy of pipeline ``p`` (config and artifacts) at ``dst``, its config pointing at the copy."""
+    import shutil
+
+    shutil.copytree(p.dir, dst)
+    cfg = dict(p.cfg, artifacts_dir=str(dst / "artifacts"))
+    return Pipeline(dst, write_config(dst / "config.yaml", cfg), cfg)
 
 
 @pytest.fixture
 def copy_pipeline(tmp_path):
     """Copy a session pipeline into this test's tmp dir so the test may change it."""
-    import shutil
-
-    def _copy(p: Pipeline) -> Pipeline:
-        dst = tmp_path / "pipe"
-        shutil.copytree(p.dir, dst)
-        cfg = dict(p.cfg, artifacts_dir=str(dst / "artifacts"))
-        return Pipeline(dst, write_config(dst / "config.yaml", cfg), cfg)
-
-    return _copy
+    return lambda p: copy_of(p, tmp_path / "pipe")

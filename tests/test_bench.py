@@ -1,4 +1,4 @@
-"""The bench stage through the real CLI: table == results.json == results.md, budgets, baselines, providers."""
+"""The bench stage through the typer app in process (each model still in its own worker process): table == results.json == results.md, budgets, baselines, providers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgecli.stages.bench import compare_baseline, latency_stats, pareto_front
-from tests.conftest import Pipeline, edgecli, write_config
+from tests.conftest import Pipeline, cli, write_config
 
 EASY = {"accuracy_min": 0.5, "latency_p95_ms": 10000.0, "latency_p50_ms": 10000.0, "size_kb": 100000.0,
         "max_accuracy_drop": 0.5, "peak_memory_mb": 100000.0}
@@ -36,7 +36,7 @@ def benched(trained_cnn, tmp_path_factory):
                     "budgets": {**EASY, "model": "train"}}
     p = Pipeline(d / "pipe", write_config(d / "pipe" / "config.yaml", cfg), cfg)
     summary = d / "summary.md"
-    r = edgecli("bench", "-c", str(p.config), cwd=p.dir, env={"GITHUB_STEP_SUMMARY": str(summary)})
+    r = cli("bench", "-c", str(p.config), cwd=p.dir, env={"GITHUB_STEP_SUMMARY": str(summary)})
     return p, r, summary
 
 
@@ -146,7 +146,7 @@ def test_impossible_budget_exits_1_names_it_and_still_publishes(benched, copy_pi
                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
                     budgets={"latency_p95_ms": 1e-6, "accuracy_min": 0.5})
     assert (p.run_dir / "bench" / "results.json").is_file()  # copied from the earlier run, same inputs
-    r = edgecli("bench", "-c", str(p.config), "--json")
+    r = cli("bench", "-c", str(p.config), "--json")
     assert r.returncode == 1, r.stderr
     fail = [line for line in r.stderr.splitlines() if line.startswith("check failed:")]
     assert len(fail) == 1
@@ -170,7 +170,7 @@ def test_baseline_regression_fails_and_bad_baseline_is_a_usage_error(benched, co
         row["p95_ms"] /= 100  # an earlier run 100x faster: today's must read as a regression
     fast = tmp_path / "fast.json"
     fast.write_text(json.dumps(old))
-    r = edgecli("bench", "-c", str(p.config), "--baseline", str(fast), "-q")
+    r = cli("bench", "-c", str(p.config), "--baseline", str(fast), "-q")
     assert r.returncode == 1, r.stderr
     assert "p95 regression of train (batch 1, 1 thread(s))" in r.stderr and "> +50%" in r.stderr
     reg = json.loads((p.run_dir / "bench" / "results.json").read_text())["regression"]
@@ -178,9 +178,9 @@ def test_baseline_regression_fails_and_bad_baseline_is_a_usage_error(benched, co
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    r = edgecli("bench", "-c", str(p.config), "--baseline", str(bad))
+    r = cli("bench", "-c", str(p.config), "--baseline", str(bad))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("usage error: --baseline")
-    r = edgecli("bench", "-c", str(p.config), "--baseline", str(tmp_path / "missing.json"))
+    r = cli("bench", "-c", str(p.config), "--baseline", str(tmp_path / "missing.json"))
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
@@ -197,7 +197,7 @@ def test_foreign_onnx_model_fixed_batch_and_synthetic_inputs(trained_cnn, copy_p
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     p = _with_bench(copy_pipeline(trained_cnn), models=[str(path)], torch_baseline=False, batch_sizes=[1, 4],
                     budgets={"accuracy_min": 0.5})
-    r = edgecli("bench", "-c", str(p.config))
+    r = cli("bench", "-c", str(p.config))
     assert r.returncode == 1  # accuracy cannot be measured, so accuracy_min cannot hold
     assert "accuracy_min broken by foreign" in r.stderr and "not measured" in r.stderr
     assert "batch 4 skipped (model has a fixed batch size of 1)" in r.stderr
@@ -208,16 +208,16 @@ def test_foreign_onnx_model_fixed_batch_and_synthetic_inputs(trained_cnn, copy_p
 
 def test_user_errors_are_one_line_exit_2(trained_cnn, copy_pipeline, tmp_path):
     p = _with_bench(copy_pipeline(trained_cnn), torch_baseline=False, budgets={"model": "trian"})
-    r = edgecli("bench", "-c", str(p.config))
+    r = cli("bench", "-c", str(p.config))
     assert r.returncode == 2 and "bench.budgets.model: 'trian'" in r.stderr and "did you mean 'train'" in r.stderr
-    r = edgecli("bench", "-c", str(p.config), "--set", "bench.budgets.model=null", "--set", "bench.models=[compress]")
+    r = cli("bench", "-c", str(p.config), "--set", "bench.budgets.model=null", "--set", "bench.models=[compress]")
     assert r.returncode == 2 and "compress" in r.stderr and "Traceback" not in r.stderr
     notonnx = tmp_path / "x.onnx"
     notonnx.write_bytes(b"hello, not a model")
-    r = edgecli("bench", "-c", str(p.config), "--set", "bench.budgets.model=null", "--set", f"bench.models=[{notonnx}]")
+    r = cli("bench", "-c", str(p.config), "--set", "bench.budgets.model=null", "--set", f"bench.models=[{notonnx}]")
     assert r.returncode == 2 and "not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr
     empty = write_config(tmp_path / "empty.yaml", dict(p.cfg, artifacts_dir=str(tmp_path / "nothing")))
-    r = edgecli("bench", "-c", str(empty))
+    r = cli("bench", "-c", str(empty))
     assert r.returncode == 2 and "none of train, compress, export has been run" in r.stderr
 
 
@@ -250,13 +250,13 @@ def test_latency_stats_and_pareto_front_by_hand():
 
 def test_baseline_of_another_pipeline_is_refused(trained_cnn, copy_pipeline, tmp_path):
     p = copy_pipeline(trained_cnn)
-    r = edgecli("bench", "-c", str(p.config), "-q", "--set", "bench.torch_baseline=false", cwd=p.dir)
+    r = cli("bench", "-c", str(p.config), "-q", "--set", "bench.torch_baseline=false", cwd=p.dir)
     assert r.returncode == 0, r.stderr
     other = json.loads((p.run_dir / "bench/results.json").read_text())
     other["pipeline"] = "some-other-pipeline"
     base = tmp_path / "other.json"
     base.write_text(json.dumps(other))
-    r = edgecli("bench", "-c", str(p.config), "-q", "--baseline", str(base), cwd=p.dir)
+    r = cli("bench", "-c", str(p.config), "-q", "--baseline", str(base), cwd=p.dir)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"usage error: --baseline {base}: results of pipeline 'some-other-pipeline', not '{p.cfg['name']}'; "

@@ -1,4 +1,4 @@
-"""export stage: the bundle (model.onnx, model.ort, required_operators.config, card.json), parity, errors."""
+"""export stage, in process (cli): the bundle (model.onnx, model.ort, required_operators.config, card.json), parity, errors."""
 
 from __future__ import annotations
 
@@ -8,17 +8,14 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import Pipeline, edgecli, write_config
+from tests.conftest import Pipeline, cli, copy_of, write_config
 
 
 @pytest.fixture(scope="module")
 def exported(trained_cnn, tmp_path_factory) -> Pipeline:
     """The session's trained CNN copied once for this module and exported from its train stage."""
-    dst = tmp_path_factory.mktemp("exported") / "pipe"
-    shutil.copytree(trained_cnn.dir, dst)
-    cfg = dict(trained_cnn.cfg, artifacts_dir=str(dst / "artifacts"))
-    p = Pipeline(dst, write_config(dst / "config.yaml", cfg), cfg)
-    r = edgecli("export", "-c", str(p.config), "-q", cwd=dst)
+    p = copy_of(trained_cnn, tmp_path_factory.mktemp("exported") / "pipe")
+    r = cli("export", "-c", str(p.config), "-q", cwd=p.dir)
     assert r.returncode == 0, r.stderr
     return p
 
@@ -87,14 +84,14 @@ def test_ort_format_matches_onnx_and_batch_is_dynamic(exported):
 
 def test_skip_then_opset_conversion(copy_pipeline, exported):
     p = copy_pipeline(exported)
-    r = edgecli("export", "-c", str(p.config), cwd=p.dir)
+    r = cli("export", "-c", str(p.config), cwd=p.dir)
     assert r.returncode == 0 and "up to date" in r.stderr
-    r = edgecli("export", "-c", str(p.config), "-q", "--set", "export.opset=18", cwd=p.dir)
+    r = cli("export", "-c", str(p.config), "-q", "--set", "export.opset=18", cwd=p.dir)
     assert r.returncode == 0, r.stderr
     card = json.loads((p.run_dir / "export" / "card.json").read_text())
     assert card["opset"] == 18 and card["parity"]["passed"]
     # a conversion ONNX cannot do is a config error naming the key, and the old bundle stays
-    r = edgecli("export", "-c", str(p.config), "--set", "export.opset=13", cwd=p.dir)
+    r = cli("export", "-c", str(p.config), "--set", "export.opset=13", cwd=p.dir)
     assert r.returncode == 2
     assert "export.opset: cannot convert this model from opset 17 to 13" in r.stderr
     assert json.loads((p.run_dir / "export" / "card.json").read_text())["opset"] == 18
@@ -120,7 +117,7 @@ def test_parity_failure_publishes_nothing(copy_pipeline, trained_cnn):
     p = copy_pipeline(trained_cnn)
     bad = p.dir / "tampered.onnx"
     _randomized(p.run_dir / "train" / "model.onnx", bad)
-    r = edgecli("export", "-c", str(p.config), "--set", f"export.input={bad}", cwd=p.dir)
+    r = cli("export", "-c", str(p.config), "--set", f"export.input={bad}", cwd=p.dir)
     assert r.returncode == 1, r.stderr
     line = [ln for ln in r.stderr.splitlines() if ln.startswith("check failed")][0]
     assert "max abs diff" in line and "top-1 agreement" in line and "nothing was published" in line
@@ -136,7 +133,7 @@ def test_foreign_model_without_metadata(copy_pipeline, trained_cnn):
     del m.metadata_props[:]
     foreign = p.dir / "foreign.onnx"
     onnx.save(m, str(foreign))
-    r = edgecli("export", "-c", str(p.config), "-q", "--set", f"export.input={foreign}", cwd=p.dir)
+    r = cli("export", "-c", str(p.config), "-q", "--set", f"export.input={foreign}", cwd=p.dir)
     assert r.returncode == 0, r.stderr
     card = json.loads((p.run_dir / "export" / "card.json").read_text())
     assert card["preprocess"] is None and card["class_names"] is None
@@ -148,12 +145,12 @@ def test_bad_input_files_are_usage_errors(copy_pipeline, trained_cnn):
     p = copy_pipeline(trained_cnn)
     trunc = p.dir / "trunc.onnx"
     trunc.write_bytes((p.run_dir / "train" / "model.onnx").read_bytes()[:500])
-    r = edgecli("export", "-c", str(p.config), "--set", f"export.input={trunc}", cwd=p.dir)
+    r = cli("export", "-c", str(p.config), "--set", f"export.input={trunc}", cwd=p.dir)
     assert r.returncode == 2 and "not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr
-    r = edgecli("export", "-c", str(p.config), "--set", "export.input=bench", cwd=p.dir)
+    r = cli("export", "-c", str(p.config), "--set", "export.input=bench", cwd=p.dir)
     assert r.returncode == 2 and "export.input" in r.stderr
     shutil.rmtree(p.run_dir / "train")
-    r = edgecli("export", "-c", str(p.config), cwd=p.dir)
+    r = cli("export", "-c", str(p.config), cwd=p.dir)
     assert r.returncode == 2 and "export.input: none of compress, train has been run" in r.stderr
 
 
@@ -164,8 +161,8 @@ def test_quantized_compress_input(copy_pipeline, trained_cnn):
     cfg = dict(p.cfg, compress={"input": "train", "steps": [
         {"quantize": {"mode": "static", "force": True, "calibration": {"samples": 64}}}]})
     write_config(p.config, cfg)
-    assert edgecli("compress", "-c", str(p.config), "-q", cwd=p.dir).returncode == 0
-    r = edgecli("export", "-c", str(p.config), "-q", cwd=p.dir)
+    assert cli("compress", "-c", str(p.config), "-q", cwd=p.dir).returncode == 0
+    r = cli("export", "-c", str(p.config), "-q", cwd=p.dir)
     assert r.returncode == 0, r.stderr
     card = json.loads((p.run_dir / "export" / "card.json").read_text())
     par = card["parity"]

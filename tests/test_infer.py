@@ -1,31 +1,29 @@
-"""infer: raw PNG/.npy/JSON-lines inputs through the model's preprocessing, agreement with PyTorch, bad inputs."""
+"""infer, in process (cli) but for stdin streaming, a closed pipe and a fresh process's imports: raw PNG/.npy/JSON-lines inputs through the model's preprocessing, agreement with PyTorch, bad inputs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, Pipeline, edgecli, write_config
+from tests.conftest import REPO, Pipeline, cli, copy_of, write_config
 
 
 @pytest.fixture(scope="module")
 def pipe(trained_cnn, tmp_path_factory) -> Pipeline:
     """The session CNN, exported, plus 200 test-split digits written as PNG files in samples/."""
-    dst = tmp_path_factory.mktemp("infer") / "pipe"
-    shutil.copytree(trained_cnn.dir, dst)
-    cfg = dict(trained_cnn.cfg, artifacts_dir=str(dst / "artifacts"))
-    p = Pipeline(dst, write_config(dst / "config.yaml", cfg), cfg)
-    r = edgecli("export", "-c", str(p.config), "-q", cwd=dst)
+    p = copy_of(trained_cnn, tmp_path_factory.mktemp("infer") / "pipe")
+    r = cli("export", "-c", str(p.config), "-q", cwd=p.dir)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "sample_digits.py"), "-c", str(p.config),
-                        "--out", str(dst / "samples"), "-n", "200"], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
+    spec = importlib.util.spec_from_file_location("sample_digits", REPO / "scripts" / "sample_digits.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # the README's sample script, its main() called as `python` would
+    assert script.main(["-c", str(p.config), "--out", str(p.dir / "samples"), "-n", "200"]) == 0
     return p
 
 
@@ -64,7 +62,7 @@ def _json_lines(out: str) -> list[dict]:
 def test_200_pngs_agree_with_pytorch(pipe, stage):
     files = _pngs(pipe)
     assert len(files) == 200
-    r = edgecli("infer", "-c", str(pipe.config), "--json", "-q", "--set", f"infer.input={stage}", *files, cwd=pipe.dir)
+    r = cli("infer", "-c", str(pipe.config), "--json", "-q", "--set", f"infer.input={stage}", *files, cwd=pipe.dir)
     assert r.returncode == 0, r.stderr
     res = _json_lines(r.stdout)
     assert [o["input"] for o in res] == files
@@ -88,7 +86,7 @@ def test_stdin_1000_json_lines(pipe):
     files = _pngs(pipe)
     px = _png_pixels(files)
     lines = [json.dumps({"id": i, "pixels": px[i % 200, :, :, 0].tolist()}) for i in range(1000)]
-    r = edgecli("infer", "-c", str(pipe.config), "--json", "-q", "-", input="\n".join(lines) + "\n", cwd=pipe.dir)
+    r = cli("infer", "-c", str(pipe.config), "--json", "-q", "-", input="\n".join(lines) + "\n", cwd=pipe.dir)
     assert r.returncode == 0, r.stderr
     res = _json_lines(r.stdout)
     assert [o["id"] for o in res] == list(range(1000))
@@ -117,7 +115,7 @@ def test_stdin_answers_each_line_at_once(pipe):
 
 def test_human_table(pipe):
     files = _pngs(pipe)[:4]
-    r = edgecli("infer", "-c", str(pipe.config), "--top-k", "2", *files, cwd=pipe.dir)
+    r = cli("infer", "-c", str(pipe.config), "--top-k", "2", *files, cwd=pipe.dir)
     assert r.returncode == 0, r.stderr
     for f in files:
         assert os.path.basename(f) in r.stdout
@@ -156,7 +154,7 @@ def test_bad_inputs_each_named_others_answered(pipe, tmp_path):
         json.dumps({"id": "inf", "pixels": [[float("inf")] * 8] * 8}).replace("Infinity", "1e999"),
         json.dumps({"id": "ok", "pixels": np.zeros((8, 8), int).tolist()}),
     ]) + "\n"
-    r = edgecli("infer", "-c", str(pipe.config), "--json", "-q", good, *args, "-", input=stdin, cwd=pipe.dir)
+    r = cli("infer", "-c", str(pipe.config), "--json", "-q", good, *args, "-", input=stdin, cwd=pipe.dir)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
     res = _json_lines(r.stdout)
@@ -175,16 +173,16 @@ def test_bad_inputs_each_named_others_answered(pipe, tmp_path):
 
 
 def test_usage_errors(pipe, copy_pipeline, trained_cnn):
-    r = edgecli("infer", "-c", str(pipe.config), cwd=pipe.dir)
+    r = cli("infer", "-c", str(pipe.config), cwd=pipe.dir)
     assert r.returncode == 2  # no inputs
     p = copy_pipeline(trained_cnn)  # trained, never exported
-    r = edgecli("infer", "-c", str(p.config), _pngs(pipe)[0], cwd=p.dir)
+    r = cli("infer", "-c", str(p.config), _pngs(pipe)[0], cwd=p.dir)
     assert r.returncode == 2 and "export" in r.stderr and "Traceback" not in r.stderr
-    r = edgecli("infer", "-c", str(p.config), "--set", f"infer.input={p.dir / 'nope.onnx'}", _pngs(pipe)[0], cwd=p.dir)
+    r = cli("infer", "-c", str(p.config), "--set", f"infer.input={p.dir / 'nope.onnx'}", _pngs(pipe)[0], cwd=p.dir)
     assert r.returncode == 2 and "does not exist" in r.stderr
     bad = p.dir / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage" * 10)
-    r = edgecli("infer", "-c", str(p.config), "--set", f"infer.input={bad}", _pngs(pipe)[0], cwd=p.dir)
+    r = cli("infer", "-c", str(p.config), "--set", f"infer.input={bad}", _pngs(pipe)[0], cwd=p.dir)
     assert r.returncode == 2 and "not a valid ONNX model" in r.stderr
     # weights said to live outside the model's directory are refused before anything reads them
     import onnx
@@ -197,7 +195,7 @@ def test_usage_errors(pipe, copy_pipeline, trained_cnn):
     t.ClearField("raw_data")
     (p.dir / "sub").mkdir()
     onnx.save(m, str(p.dir / "sub" / "escape.onnx"))
-    r = edgecli("infer", "-c", str(p.config), "--set", f"infer.input={p.dir / 'sub' / 'escape.onnx'}",
+    r = cli("infer", "-c", str(p.config), "--set", f"infer.input={p.dir / 'sub' / 'escape.onnx'}",
                 _pngs(pipe)[0], cwd=p.dir)
     assert r.returncode == 2 and "escapes the model's directory" in r.stderr and "Traceback" not in r.stderr
 
@@ -214,7 +212,7 @@ def test_model_without_metadata_takes_model_inputs(pipe, tmp_path):
 
     x = load_splits(load_config(pipe.config)).test.x[:5]
     np.save(tmp_path / "x.npy", x)
-    r = edgecli("infer", "-c", str(pipe.config), "--json", "-q", "--set", f"infer.input={path}",
+    r = cli("infer", "-c", str(pipe.config), "--json", "-q", "--set", f"infer.input={path}",
                 str(tmp_path / "x.npy"), _pngs(pipe)[0], cwd=pipe.dir)
     assert r.returncode == 1
     res = _json_lines(r.stdout)
@@ -249,7 +247,7 @@ def test_table_model_csv_npy_and_json_rows(tmp_path):
            "data": {"dataset": "synthetic", "shape": [6], "num_classes": 3, "num_samples": 300},
            "model": {"arch": "mlp"}, "train": {"epochs": 2, "batch_size": 64}}
     config = write_config(tmp_path / "config.yaml", cfg)
-    r = edgecli("train", "-c", str(config), "-q", cwd=tmp_path)
+    r = cli("train", "-c", str(config), "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rng = np.random.default_rng(0)
     rows = rng.normal(0, 3, size=(5, 6)).round(3)
@@ -263,7 +261,7 @@ def test_table_model_csv_npy_and_json_rows(tmp_path):
     np.save(tmp_path / "img.npy", np.zeros((8, 8, 1), np.uint8))  # a 3-D array is not feature rows
     names = ["with_header.csv", "plain.csv", "one.npy", "short.csv", "words.csv", "nan.csv", "img.npy"]
     stdin = json.dumps({"id": "j", "features": rows[4].tolist()}) + "\n" + json.dumps({"id": "s", "pixels": [[1]]}) + "\n"
-    r = edgecli("infer", "-c", str(config), "--json", "-q", "--set", "infer.input=train", *names, "-",
+    r = cli("infer", "-c", str(config), "--json", "-q", "--set", "infer.input=train", *names, "-",
                 input=stdin, cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     res = {o["input"]: o for o in _json_lines(r.stdout)}

@@ -1,4 +1,6 @@
-"""The train stage end to end through the real CLI: accuracy, artifacts, skip, resume, locking."""
+"""The train stage end to end, in process (cli/run_stage): accuracy, artifacts, skip, resume, locking.
+
+Subprocesses only where another process is the point: the run killed with SIGKILL, the lock holder."""
 
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ import onnx
 import pytest
 
 from edgecli.artifacts import ArtifactStore, sha256_file
-from tests.conftest import REPO, edgecli, tiny_config, write_config
+from tests.conftest import REPO, cli, tiny_config, write_config
 
 
 def test_digits_cnn_shipped_config_reaches_97_percent(tmp_path):
-    r = edgecli("train", "-c", str(REPO / "configs/digits-cnn.yaml"), "--set", f"artifacts_dir={tmp_path}", "--json", "-q")
+    r = cli("train", "-c", str(REPO / "configs/digits-cnn.yaml"), "--set", f"artifacts_dir={tmp_path}", "--json", "-q")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["status"] == "done"
@@ -58,18 +60,18 @@ def test_second_run_is_skipped_and_force_reruns(copy_pipeline, trained_cnn):
     p = copy_pipeline(trained_cnn)
     before = p.manifest("train")
     t0 = time.time()
-    r = edgecli("train", "-c", str(p.config), cwd=p.dir)
+    r = cli("train", "-c", str(p.config), cwd=p.dir)
     assert r.returncode == 0 and "up to date" in r.stderr
     assert time.time() - t0 < 30  # generous: no training happened
     assert p.manifest("train") == before
-    r = edgecli("train", "-c", str(p.config), "--force", "-q", "--set", "train.epochs=1", cwd=p.dir)
+    r = cli("train", "-c", str(p.config), "--force", "-q", "--set", "train.epochs=1", cwd=p.dir)
     assert r.returncode == 0, r.stderr
     assert p.manifest("train")["fingerprint"] != before["fingerprint"]
 
 
 def test_changed_config_retrains(copy_pipeline, trained_cnn):
     p = copy_pipeline(trained_cnn)
-    r = edgecli("train", "-c", str(p.config), "-q", "--set", "train.epochs=1", cwd=p.dir)
+    r = cli("train", "-c", str(p.config), "-q", "--set", "train.epochs=1", cwd=p.dir)
     assert r.returncode == 0 and "up to date" not in r.stderr
     assert p.manifest("train")["config"]["epochs"] == 1
 
@@ -100,7 +102,7 @@ def test_sigkill_leaves_nothing_published_and_resume_finishes(tmp_path):
     proc.wait()
     run = tmp_path / "artifacts/killme"
     assert not (run / "train").exists()
-    r = edgecli("train", "-c", str(path), "--resume", "-q", cwd=tmp_path)
+    r = cli("train", "-c", str(path), "--resume", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     m = json.loads((run / "train/manifest.json").read_text())
     assert m["resumed_from_epoch"] is not None and m["resumed_from_epoch"] >= 1
@@ -117,7 +119,7 @@ def test_second_concurrent_writer_fails_fast(tmp_path):
         lock = tmp_path / "artifacts/busy/.lock"
         assert _wait_for(lambda: lock.exists() and '"active": true' in lock.read_text())
         t0 = time.time()
-        r = edgecli("train", "-c", str(path), cwd=tmp_path)
+        r = cli("train", "-c", str(path), cwd=tmp_path)
         assert r.returncode == 2
         assert f"is in use by pid {first.pid}" in r.stderr
         assert time.time() - t0 < 30
@@ -133,7 +135,7 @@ def test_transfer_learning_with_frozen_features(copy_pipeline, trained_cnn, tmp_
     cfg = tiny_config("transfer", tmp_path / "art2",
                       train={"epochs": 2, "init_from": str(src), "freeze": ["features"], "lr": 0.01})
     path = write_config(tmp_path / "t.yaml", cfg)
-    r = edgecli("train", "-c", str(path), cwd=tmp_path)
+    r = cli("train", "-c", str(path), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "initialised" in r.stderr and "froze" in r.stderr
     old = load_file(str(src / "weights.safetensors"))
@@ -146,7 +148,7 @@ def test_transfer_learning_with_frozen_features(copy_pipeline, trained_cnn, tmp_
 
 def test_freeze_typo_is_a_config_error(tmp_path, trained_cnn):
     cfg = tiny_config("typo", tmp_path / "a", train={"epochs": 1, "freeze": ["featurs"]})
-    r = edgecli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
+    r = cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
     assert r.returncode == 2
     assert "train.freeze: 'featurs' matches no parameter (did you mean 'features'?)" in r.stderr
 
