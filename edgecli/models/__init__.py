@@ -4,6 +4,7 @@ and names its last layer ``classifier`` (pruning keeps it whole by default)."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 from edgecli.errors import ConfigError
 from edgecli.registry import Entry, Registry
@@ -52,6 +53,32 @@ def build_model(arch: str, input_shape: list[int], num_classes: int, args: dict 
             raise
         tail = first.split("DefaultCPUAllocator: ")[-1][:160]
         raise ConfigError(f"{key}.args: '{arch}' is too large to build on this machine ({tail})") from None
+
+
+def arch_sources(arch: str) -> list[Path]:
+    """The source files of a custom ``pkg.mod:Class`` architecture (the module and its packages' __init__).
+
+    Found with ``importlib.util.find_spec``: the module itself is not executed here. A registry name
+    returns [] (its code is edgecli's, covered by the version in every fingerprint).
+    """
+    import importlib.util
+
+    if ":" not in arch:
+        return []
+    mod = arch.partition(":")[0]
+    out: list[Path] = []
+    parts = mod.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError, AttributeError) as e:
+            raise ConfigError(f"model.arch: cannot import '{name}' ({e})") from None
+        if spec is None:
+            raise ConfigError(f"model.arch: cannot import '{mod}' (no module named '{name}')")
+        if spec.origin and spec.origin not in ("built-in", "frozen") and Path(spec.origin).is_file():
+            out.append(Path(spec.origin))
+    return out
 
 
 def trusted_archs(cfg) -> tuple[str, ...]:

@@ -14,14 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecli import __version__
-from edgecli.artifacts import (
-    ArtifactStore,
-    StageWriter,
-    sha256_file,
-    sha256_json,
-    upstream_fingerprint,
-    write_json_atomic,
-)
+from edgecli.artifacts import ArtifactStore, Declared, StageWriter, write_json_atomic
 from edgecli.config import PipelineConfig
 from edgecli.errors import ArtifactError, ConfigError, DataError
 from edgecli.safeio import temp_dir as _temp_dir
@@ -75,28 +68,50 @@ def _input_ref(cfg: PipelineConfig, store: ArtifactStore) -> tuple[str | None, P
 
 
 def _external_files(path: Path) -> list[Path]:
-    """An ONNX file and the external-data files it names (for hashing the input)."""
-    from edgecli.onnxio import _external_tensors, load_onnx
+    from edgecli.onnxio import model_files
 
-    m = load_onnx(path, load_external=False)
-    locs = sorted({dict((e.key, e.value) for e in t.external_data).get("location", "") for t in _external_tensors(m)})
-    return [path] + [path.parent / loc for loc in locs if loc]
+    return model_files(path)
 
 
-def fingerprint(cfg: PipelineConfig, store: ArtifactStore, stage: str | None, path: Path) -> str:
-    files = {}
-    if stage is None:
-        files = {p.name: sha256_file(p) for p in _external_files(path)}
-    calib = sorted({s.quantize.calibration.data for s in cfg.compress.steps
-                    if s.kind == "quantize" and s.quantize.calibration.data})
-    for c in calib:
-        p = Path(c).expanduser()
-        files[f"calibration:{c}"] = sha256_file(p) if p.is_file() else "missing"
-    return sha256_json({
-        "stage": STAGE, "version": __version__, "seed": cfg.seed, "data": cfg.section("data"),
-        "model": cfg.section("model"), "compress": cfg.section("compress"),
-        "upstream": upstream_fingerprint(store, stage) if stage else None, "files": files,
-    })
+def _teachers(cfg: PipelineConfig) -> list[str]:
+    out = []
+    for st in cfg.compress.steps:
+        d = st.options if st.kind == "distill" else getattr(st.options, "distill", None)
+        if d is not None and getattr(d, "teacher", "train") != "train":
+            out.append(d.teacher)
+    return out
+
+
+def declare(cfg: PipelineConfig, stage: str | None, path: Path) -> Declared:
+    """What compress reads: the input model, the pipeline's data (scoring, calibration, fine-tuning),
+    calibration files, distill teachers and the source of custom student classes."""
+    from edgecli.models import arch_sources, trusted_archs
+    from edgecli.stages import declare_data, declare_model
+
+    d = Declared(STAGE, {"seed": cfg.seed, "data": cfg.section("data"), "model": cfg.section("model"),
+                         "compress": cfg.section("compress")})
+    declare_model(d, stage, path)
+    declare_data(d, cfg)
+    for s in cfg.compress.steps:
+        if s.kind == "quantize" and s.quantize.calibration.data:
+            c = s.quantize.calibration.data
+            p = Path(c).expanduser()
+            if p.is_file():
+                d.file(f"calibration:{c}", p)
+            else:
+                d.values[f"calibration:{c}"] = "missing"
+    for t in _teachers(cfg):
+        p = Path(t).expanduser()
+        for cand in (p, p / "weights.safetensors", p / "train" / "weights.safetensors"):
+            if cand.is_file():
+                d.file(f"teacher:{t}", cand)
+                break
+        else:
+            d.values[f"teacher:{t}"] = "missing"
+    for arch in trusted_archs(cfg)[1:]:
+        for p in arch_sources(arch):
+            d.file(f"student.arch:{p.name}", p)
+    return d
 
 
 # --------------------------------------------------------------------------- evaluation data
@@ -111,6 +126,7 @@ class _Data:
         self.metric = "accuracy"
         self.splits = None
         self.fit_note = ""
+        self.kind_note = ""
         self.embedding = False
 
 
@@ -120,9 +136,15 @@ def _subset(n: int, k: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
 
 
-def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None, embedding: bool = False) -> _Data:
-    """Validation split when the pipeline's data fits the model input, else the user's inputs (fidelity)."""
-    from edgecli.compression.quantize import fit_problem, take
+def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None, model_path: Path,
+               info: dict | None) -> _Data:
+    """Validation split when the pipeline's data fits the model input, else the user's inputs (fidelity).
+
+    The metric follows from the model's output (``output_kind``): class scores are scored by accuracy
+    (or top-1 agreement without labels), embeddings and regressors by the worst per-sample cosine.
+    """
+    from edgecli.compression.quantize import fit_problem, output_kind, take
+    from edgecli.onnxio import load_onnx
 
     d = _Data()
     problem = None
@@ -144,15 +166,19 @@ def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None, embed
             d.splits = splits
     except DataError as e:
         problem = e.message
+    kind, why = output_kind(load_onnx(model_path, load_external=False), info,
+                            d.splits.num_classes if d.splits is not None else None)
+    d.kind_note = f"metric {'cosine_min' if kind == 'embedding' else 'accuracy/top-1'} chosen from the output: {why}"
+    d.embedding = kind == "embedding"
     if d.splits is not None:
         idx = _subset(len(d.splits.val), cfg.compress.eval_samples, cfg.seed)
         d.eval_feeds = _feeds(d.splits.val.x, inputs, idx)
         d.labels = d.splits.val.y[idx]
-        if embedding:  # sentences without class scores: fidelity of the embeddings to the FP32 model
-            d.labels, d.metric, d.embedding = None, "cosine_min", True
+        if d.embedding:  # not class scores: fidelity of the outputs to the FP32 model, per sample
+            d.labels, d.metric = None, "cosine_min"
         return d
     d.fit_note = f"the pipeline's data does not fit the model input ({problem}); scoring fidelity to the input model"
-    d.metric = "fidelity"
+    d.metric = "cosine_min" if d.embedding else "fidelity"
     if calib_file_feeds is None:
         raise DataError(
             f"compress: {d.fit_note.split(';')[0]}, and no calibration.data file gives model inputs to score on",
@@ -282,7 +308,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
 
     def fp():  # called with the run lock held: the input cannot change under us
         state["input"] = _input_ref(cfg, store)
-        return fingerprint(cfg, store, *state["input"])
+        return declare(cfg, *state["input"])
 
     def build(w: StageWriter):
         stage, src_path = state["input"]
@@ -326,8 +352,8 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
                                          f"compress.steps.{i}.quantize.calibration.data")
             break
     src_info = man.get("model_info") if man else parse_model_info(meta.get("edgecli.model_info"), str(src_path))
-    data = _eval_data(cfg, inputs, file_feeds, embedding=(src_info or {}).get("output_names") == ["embedding"])
-    notes = [data.fit_note] if data.fit_note else []
+    data = _eval_data(cfg, inputs, file_feeds, src, src_info)
+    notes = [n for n in (data.fit_note, data.kind_note) if n]
     records: list[dict] = []
     torch_model = None
     cur = src
@@ -360,7 +386,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
         log(f"step {i}: quantize (mode {opts.mode}, objective {cfg.compress.objective})")
         job = QuantizeJob(cur, sw, opts, scorer=scorer, calib=calib, calib_problem=problem, feed1=feed1,
                           threads=cfg.compress.threads, max_drop=cfg.compress.max_accuracy_drop,
-                          objective=cfg.compress.objective, key=key, log=log)
+                          objective=cfg.compress.objective, key=key, log=log, min_cosine=cfg.compress.min_cosine)
         out = job.run()
         outcomes.append(out)
         base, ch = out.input, out.chosen
@@ -421,6 +447,9 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
                   "p50_ms": first.get("p50_ms"), "inputs": [s.describe() for s in inputs]},
         "metric": data.metric, "objective": cfg.compress.objective,
         "max_accuracy_drop": cfg.compress.max_accuracy_drop, "threads": cfg.compress.threads,
+        "guard": ({"min_cosine": cfg.compress.min_cosine} if data.embedding
+                  else {"max_accuracy_drop": cfg.compress.max_accuracy_drop}),
+        "metric_reason": data.kind_note,
         "eval_samples": int(n_samples(data.eval_feeds)), "steps": records,
         "final": {"bytes": final_bytes, "size_ratio": round(final_bytes / input_bytes, 5),
                   "score": records[-1]["after"]["score"], "p50_ms": records[-1]["after"]["p50_ms"]},

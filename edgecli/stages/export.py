@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecli import __version__
-from edgecli.artifacts import ArtifactStore, StageWriter, sha256_file, sha256_json, upstream_fingerprint
+from edgecli.artifacts import ArtifactStore, Declared, StageWriter, sha256_file
 from edgecli.config import PipelineConfig
 from edgecli.errors import CheckFailed, ConfigError, DataError, ModelFileError
 from edgecli.safeio import temp_dir as _temp_dir
@@ -67,22 +67,21 @@ def _input_ref(cfg: PipelineConfig, store: ArtifactStore) -> tuple[str | None, P
 
 
 def _model_files(path: Path) -> list[Path]:
-    """An ONNX file and the external-data files it names (what the input's hash covers)."""
-    from edgecli.onnxio import _external_tensors, load_onnx
+    from edgecli.onnxio import model_files
 
-    m = load_onnx(path, load_external=False)
-    locs = sorted({dict((e.key, e.value) for e in t.external_data).get("location", "") for t in _external_tensors(m)})
-    return [path] + [path.parent / loc for loc in locs if loc]
+    return model_files(path)
 
 
-def fingerprint(cfg: PipelineConfig, store: ArtifactStore, stage: str | None, path: Path) -> str:
-    """Export section + the upstream manifest hash (or the input file hashes) + what parity reads."""
-    files = {} if stage else {p.name: sha256_file(p) for p in _model_files(path)}
-    return sha256_json({
-        "stage": STAGE, "version": __version__, "seed": cfg.seed, "export": cfg.section("export"),
-        "data": cfg.section("data"), "input_stage": stage,
-        "upstream": upstream_fingerprint(store, stage) if stage else None, "files": files,
-    })
+def declare(cfg: PipelineConfig, stage: str | None, path: Path) -> Declared:
+    """The export section, the input (upstream manifest, or the file and its external data), and the
+    data parity reads."""
+    from edgecli.stages import declare_data, declare_model
+
+    d = Declared(STAGE, {"seed": cfg.seed, "export": cfg.section("export"), "data": cfg.section("data"),
+                         "input_stage": stage})
+    declare_model(d, stage, path)
+    declare_data(d, cfg)
+    return d
 
 
 # --------------------------------------------------------------------------- graph work
@@ -363,7 +362,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
 
     def fp():  # called with the run lock held: compress cannot be mid-publish while we pick our input
         state["input"] = _input_ref(cfg, store)
-        return fingerprint(cfg, store, *state["input"])
+        return declare(cfg, *state["input"])
 
     def build(w: StageWriter):
         stage, src = state["input"]
