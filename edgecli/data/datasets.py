@@ -7,7 +7,13 @@ import csv
 import numpy as np
 
 from edgecli.data.base import RawDataset, check_labels, class_order, need_file, need_path
-from edgecli.data.images import IMAGE_SUFFIXES, image_is_colour, list_imagefolder, load_image_file, resize_images
+from edgecli.data.images import (
+    IMAGE_SUFFIXES,
+    image_is_colour,
+    list_imagefolder,
+    load_image_file,
+    resize_images,
+)
 from edgecli.errors import DataError
 
 __all__ = ["IMAGE_SUFFIXES", "RawDataset", "load_csv", "load_digits", "load_imagefolder", "load_npz", "load_synthetic"]

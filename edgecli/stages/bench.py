@@ -30,7 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from edgecli import __version__
-from edgecli.artifacts import ArtifactStore, Declared, StageWriter, sha256_file, sha256_json, write_json_atomic
+from edgecli.artifacts import (
+    ArtifactStore,
+    Declared,
+    StageWriter,
+    write_json_atomic,
+)
 from edgecli.config import PipelineConfig, did_you_mean
 from edgecli.errors import ArtifactError, CheckFailed, ConfigError, ModelFileError, UsageError
 from edgecli.stages import StageResult, Table, resolve_input, run_stage
