@@ -206,7 +206,8 @@ class PruneConfig(_Strict):
     global_pruning: bool = False
     iterative_steps: int = Field(1, ge=1)
     ignore: list[str] | None = Field(None, description="module names kept whole (default: the classifier)")
-    round_to: int | None = Field(None, ge=1, description="keep channel counts multiples of this (e.g. 4 or 8)")
+    round_to: int | None = Field(
+        8, ge=1, description="keep channel counts multiples of this (kernels like multiples of 8; 1 or null: any count)")
     finetune_epochs: int = Field(10, ge=0)
     lr: float | None = Field(None, gt=0)
     distill: DistillConfig | None = None

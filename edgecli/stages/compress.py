@@ -357,6 +357,8 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
     records: list[dict] = []
     torch_model = None
     cur = src
+    points = [("input", src)]  # what the final latency check may fall back to
+    meta_input = dict(meta)
     if any(s.kind in TORCH_STEPS for s in steps):
         if data.splits is None:
             raise DataError("compress: PyTorch steps need the pipeline's dataset, which does not fit the model")
@@ -364,6 +366,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
         records += trec
         notes += tnotes
         cur = tdir / "model.onnx"
+        points.append(("after torch steps", cur))
         meta.update(get_metadata(cur))
     # outputs of the FP32 model that quantization starts from: top-1 agreement and cosine for every
     # candidate, and the score itself when no labels fit
@@ -406,6 +409,21 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
             cur = ch.path
         elif out.best_rejected is not None:
             state["best_rejected"] = (i, out.best_rejected)
+    forced = any(steps[i].quantize.force for i in q_idx)
+    confirmation = None
+    if cfg.compress.objective == "latency" and cfg.compress.confirm_repeats and cur != src and not forced:
+        from edgecli.compression.confirm import confirm_choice
+        from edgecli.compression.quantize import MIN_SPEEDUP
+
+        log(f"confirming the choice with bench's protocol ({cfg.compress.confirm_repeats} fresh processes per model)")
+        confirmation = confirm_choice(points + [("compress choice", cur)], feed1, cfg.compress.threads,
+                                      repeats=cfg.compress.confirm_repeats, min_speedup=MIN_SPEEDUP, tmp=work)
+        pick = (points + [("compress choice", cur)])[confirmation["chosen_index"]][1]
+        if pick != cur:
+            notes.append(f"latency check ({confirmation['protocol']}): {confirmation['reason']}")
+            cur = pick
+            if cur == src:
+                torch_model, meta = None, meta_input
     # publish: the model, its metadata, weights of the torch model, the report
     shutil.copyfile(cur, w.path("model.onnx"))
     if "edgecli.model_info" not in meta and data.splits is not None:
@@ -442,6 +460,9 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
     # torch steps report theirs in details (e.g. prune back-off that never held the drop)
     q_fails = [r.get("failed_constraint") or (r.get("details") or {}).get("failed_constraint") for r in records]
     q_fails = [f for f in q_fails if f]
+    fin = records[-1]["after"] if records else {}
+    if confirmation is not None and confirmation["chosen_index"] == 0:
+        fin = first
     report = {
         "input": {"ref": cfg.compress.input, "bytes": input_bytes, "score": first.get("score"),
                   "p50_ms": first.get("p50_ms"), "inputs": [s.describe() for s in inputs]},
@@ -452,9 +473,12 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
         "metric_reason": data.kind_note,
         "eval_samples": int(n_samples(data.eval_feeds)), "steps": records,
         "final": {"bytes": final_bytes, "size_ratio": round(final_bytes / input_bytes, 5),
-                  "score": records[-1]["after"]["score"], "p50_ms": records[-1]["after"]["p50_ms"]},
+                  "score": fin.get("score"), "p50_ms": fin.get("p50_ms")},
         "failed_constraint": q_fails[-1] if q_fails else None,
-        "verdict": "; ".join(r["verdict"] for r in records if "verdict" in r) or "torch steps only",
+        "latency_confirmation": confirmation,
+        "verdict": "; ".join([r["verdict"] for r in records if "verdict" in r]
+                             + ([confirmation["reason"]] if confirmation and confirmation["chosen_index"] != len(points)
+                                else [])) or "torch steps only",
         "notes": notes,
     }
     write_json_atomic(w.path("report.json"), report)
@@ -523,6 +547,13 @@ def _result(res: StageResult, state: dict, store: ArtifactStore) -> StageResult:
                      b.get("bytes"), a.get("bytes"), b.get("score"), a.get("score"), b.get("p50_ms"), a.get("p50_ms")])
     res.tables.append(Table(f"compress steps ({res.status}; {metric}; p50 at batch 1, {report['threads']} thread(s))",
                             ["step", "params", "->", "MACs", "->", "bytes", "->", metric, "->", "p50 ms", "->"], rows))
+    prows = [[r["index"], (r.get("details") or {}).get("ratio_requested"), (r.get("details") or {}).get("ratio_achieved"),
+              (r.get("details") or {}).get("round_to"), r["before"].get("p50_ms"), r["after"].get("p50_ms"),
+              _r(r["after"]["p50_ms"] / r["before"]["p50_ms"], 3) if r["before"].get("p50_ms") else None]
+             for r in report["steps"] if r["kind"] == "prune"]
+    if prows:
+        res.tables.append(Table("prune: ratio reached and latency (p50 at batch 1)",
+                                ["step", "ratio asked", "reached", "round_to", "p50 ms before", "after", "x before"], prows))
     for r in report["steps"]:
         if r["kind"] != "quantize":
             continue
