@@ -177,3 +177,125 @@ def test_unchanged_10k_imagefolder_skips(tmp_path):
                       train={"epochs": 1, "batch_size": 256, "lr": 0.01})
     assert _train(cfg, store).status == "done"
     assert _train(cfg, store).status == "skipped"
+
+
+# --------------------------------------------------------------------------- section 4: tables and labels
+
+
+@pytest.fixture(scope="module")
+def csv_model(tmp_path_factory):
+    """A tiny MLP trained once on a 3-feature CSV, its ONNX model and the rows it was trained on."""
+    tmp = tmp_path_factory.mktemp("csvmodel")
+    csv = tmp / "d.csv"
+    _write_csv(csv, rows=60)
+    cfg, store = _cfg(tmp, {"dataset": "csv", "path": str(csv)}, train={"epochs": 5, "batch_size": 32, "lr": 0.02})
+    assert _train(cfg, store).status == "done"
+    return tmp, csv, store
+
+
+def _answers(model: Path, rows_csv: Path):
+    from edgecli.inputs import reader_for
+    from edgecli.onnxio import model_info_from_onnx
+    from edgecli.runtimes.ort import make_session
+
+    sess = make_session(model, threads=1)
+    specs = [{"name": i.name, "shape": i.shape, "dtype": i.type} for i in sess.get_inputs()]
+    from edgecli.errors import DataError
+
+    sample = reader_for(model_info_from_onnx(model), specs).file(rows_csv, rows_csv.name)
+    if sample.error:
+        raise DataError(sample.error)
+    return sess.run(None, sample.feeds)[0].argmax(1)
+
+
+def test_feature_names_are_stored_and_reordered_columns_give_the_same_answers(csv_model, tmp_path):
+    from edgecli.errors import DataError
+    from edgecli.onnxio import model_info_from_onnx
+
+    tmp, csv, store = csv_model
+    model = store.stage_dir("train") / "model.onnx"
+    assert model_info_from_onnx(model)["feature_names"] == ["f0", "f1", "f2"]
+    lines = [r.split(",") for r in csv.read_text().splitlines()]
+    same = tmp_path / "same.csv"
+    same.write_text("\n".join(",".join(r[:3]) for r in lines) + "\n")
+    shuffled = tmp_path / "shuffled.csv"
+    shuffled.write_text("\n".join(",".join([r[2], r[3], r[0], r[1]]) for r in lines) + "\n")  # f2,label,f0,f1
+    assert (_answers(model, same) == _answers(model, shuffled)).all()
+    missing = tmp_path / "missing.csv"
+    missing.write_text("\n".join(",".join([r[0], r[1]]) for r in lines) + "\n")
+    with pytest.raises(DataError, match="column 'f2' is missing"):
+        _answers(model, missing)
+    extra = tmp_path / "extra.csv"
+    extra.write_text("\n".join(",".join(r[:3] + (["age"] if i == 0 else ["1"])) for i, r in enumerate(lines)) + "\n")
+    with pytest.raises(DataError, match="column 'age' is not a feature"):
+        _answers(model, extra)
+
+
+def _load(tmp: Path, text: str, **data):
+    from edgecli.data import load_raw
+
+    p = tmp / "t.csv"
+    p.write_text(text)
+    cfg, _ = _cfg(tmp, {"dataset": "csv", "path": str(p), **data})
+    return load_raw(cfg)
+
+
+def test_labels_are_read_the_way_the_user_wrote_them(tmp_path):
+    from edgecli.errors import DataError
+
+    rows = "".join(f"{i},{i % 2}{'.0' if i % 4 == 1 else ''}\n" for i in range(12))
+    ds = _load(tmp_path, "x,label\n" + rows)
+    assert ds.class_names == ["0", "1"]  # 1 and 1.0 are one class
+    ds = _load(tmp_path, "x,label\n" + rows, class_names={0: "malignant", 1: "benign"})
+    assert ds.class_names == ["malignant", "benign"] and list(ds.y[:2]) == [0, 1]
+    with pytest.raises(DataError, match=r"t.csv:4: the label \('label'\) is blank"):
+        _load(tmp_path, "x,label\n0,0\n1,1\n2,\n" + rows)
+    with pytest.raises(DataError, match="column 1 has no name"):  # pandas' index column
+        _load(tmp_path, ",x,label\n" + "".join(f"{i},{r}" for i, r in enumerate(rows.splitlines(True))))
+
+
+def test_zero_splits_are_a_data_error_before_training(tmp_path):
+    from edgecli.data import load_splits
+    from edgecli.errors import DataError
+
+    for key in ("val_split", "test_split"):
+        cfg, _ = _cfg(tmp_path, {"dataset": "digits", key: 0.0})
+        with pytest.raises(DataError, match=f"data.{key}: 0.0 leaves no"):
+            load_splits(cfg)
+
+
+# --------------------------------------------------------------------------- section 6: images
+
+
+def test_16bit_png_is_scaled_and_exif_orientation_applied(tmp_path):
+    from PIL import Image
+
+    from edgecli.data.images import load_image_file
+
+    a = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # up to 63000 of 65535
+    Image.fromarray(a).save(tmp_path / "deep.png")  # uint16: a 16-bit grayscale PNG
+    got = load_image_file(str(tmp_path / "deep.png"), 1)[..., 0]
+    np.testing.assert_allclose(got, np.rint(a * 255.0 / 65535), atol=1)  # scaled, not clipped at 255
+    assert got.max() < 250 and got[0, 1] == 4
+
+    img = np.zeros((4, 6), np.uint8)
+    img[0, 5] = 255  # top-right pixel
+    im = Image.fromarray(img, "L")
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    got = load_image_file(str(tmp_path / "rot.jpg"), 1)
+    assert got.shape[:2] == (6, 4)  # the orientation tag was applied
+
+
+def test_nested_class_folders_are_used(tmp_path):
+    from edgecli.data import load_raw
+
+    root = tmp_path / "imgs"
+    for c, v in (("a", 30), ("b", 220)):
+        for i in range(6):
+            _png(root / c / f"{i}.png", v, i)
+            _png(root / c / "sub" / "deeper" / f"{i}.png", v, 50 + i)
+    cfg, _ = _cfg(tmp_path, {"dataset": "imagefolder", "path": str(root)})
+    ds = load_raw(cfg)
+    assert len(ds) == 24 and list(np.bincount(ds.y)) == [12, 12]

@@ -44,6 +44,7 @@ class Splits:
     class_names: list[str]
     kind: str
     source: str
+    feature_names: list[str] | None = None  # table data: the feature columns by name, in model order
 
     @property
     def num_classes(self) -> int:
@@ -136,4 +137,5 @@ def load_splits(cfg) -> Splits:
         x = spec.apply(raw)
         return Split(x, ds.y[idx], raw)
 
-    return Splits(make(tr), make(va), make(te), spec, ds.class_names, ds.kind, ds.source)
+    return Splits(make(tr), make(va), make(te), spec, ds.class_names, ds.kind, ds.source,
+                  getattr(ds, "feature_names", None))

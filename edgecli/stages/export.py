@@ -581,6 +581,8 @@ def _card(m, cfg, stage, src: Path, info: dict | None, lineage: dict, level, par
         "num_classes": (info or {}).get("num_classes"),
         "class_names": (info or {}).get("class_names"),
         "preprocess": (info or {}).get("preprocess"),
+        **({"feature_names": info["feature_names"], "label_column": info.get("label_column")}
+           if (info or {}).get("feature_names") else {}),
         "source": {"input": cfg.export.input or stage, "stage": stage, "path": str(src)},
         "lineage": lineage,
         "opset": _opset(m),

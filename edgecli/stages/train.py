@@ -54,6 +54,9 @@ def model_info(cfg: PipelineConfig, splits, num_classes: int, model) -> dict:
         "input_names": input_names,
         "output_names": output_names,
         "preprocess": splits.spec.to_dict(),
+        # a CSV's feature columns by name: infer matches a CSV with a header by these, not by position
+        **({"feature_names": list(splits.feature_names), "label_column": cfg.data.label_column}
+           if getattr(splits, "feature_names", None) else {}),
         **_norm_fix(model),
     }
 
