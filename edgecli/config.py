@@ -258,6 +258,26 @@ class CompressConfig(_Strict):
     num_heads: int | None = Field(None, ge=1, description="transformer_optimize: attention heads (default: the model's config.json)")
     hidden_size: int | None = Field(None, ge=1, description="transformer_optimize: hidden size (default: the model's config.json)")
 
+    @model_validator(mode="after")
+    def _step_order(self):
+        """Cross-field rules of the steps, here so that validate and --dry-run report them with file:line."""
+        problems, first_q = [], None
+        for i, st in enumerate(self.steps):
+            if st.kind == "quantize":
+                first_q = i if first_q is None else first_q
+                q = st.quantize
+                if q.mode == "int4_weight_only" and q.block_size & (q.block_size - 1):
+                    problems.append(f"steps.{i}.quantize.block_size must be a power of two >= 16 (got {q.block_size})")
+                if q.format == "qoperator" and q.mode not in ("static", "auto"):
+                    problems.append(f"steps.{i}.quantize.format: qoperator applies to static quantization only "
+                                    f"(mode is {q.mode})")
+            elif first_q is not None:
+                problems.append(f"steps.{i}: {st.kind} is a PyTorch-level step and must come before every quantize "
+                                f"step (steps.{first_q} quantizes the ONNX model; nothing trainable is left after it)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 class ParityConfig(_Strict):
     atol: float = Field(1e-4, gt=0, description="float input: max abs diff allowed between input and export")

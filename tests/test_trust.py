@@ -299,3 +299,92 @@ def test_nested_class_folders_are_used(tmp_path):
     cfg, _ = _cfg(tmp_path, {"dataset": "imagefolder", "path": str(root)})
     ds = load_raw(cfg)
     assert len(ds) == 24 and list(np.bincount(ds.y)) == [12, 12]
+
+
+# --------------------------------------------------------------------------- section 5: validate
+
+
+_NET = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, input_shape, num_classes, hidden=8):
+        super().__init__()
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], hidden), nn.Linear(hidden, OUT))
+
+    def forward(self, x):
+        return RET
+"""
+
+_CASES = {
+    "syntax": ("def broken(:\n", "Net", {}, "importing 'trust_v_syntax' failed at line 1"),
+    "raises": ("raise RuntimeError('boom at import')\n", "Net", {}, "RuntimeError: boom at import"),
+    "function": ("def Net(input_shape, num_classes):\n    return 1\n", "Net", {}, "is a function, not a torch.nn.Module class"),
+    "not_module": ("class Net:\n    def __init__(self, input_shape, num_classes):\n        pass\n", "Net", {},
+                   "not a torch.nn.Module"),
+    "signature": ("import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n",
+                  "Net", {}, "cannot build"),
+    "typo_arg": (_NET.replace("OUT", "num_classes").replace("RET", "self.classifier(x)"), "Net", {"hiden": 4},
+                 "takes no argument 'hiden'"),
+    "forward": (_NET.replace("OUT", "num_classes").replace("RET", "self.classifier(x[:, :1])"), "Net", {},
+                "fails forward on one sample of shape \\[1, 3\\]"),
+    "tuple": (_NET.replace("OUT", "num_classes").replace("RET", "(self.classifier(x), x)"), "Net", {},
+              "returns a tuple"),
+    "outputs": (_NET.replace("OUT", "7").replace("RET", "self.classifier(x)"), "Net", {}, "outputs shape \\[1, 7\\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CASES))
+def test_validate_refuses_what_train_would(case, tmp_path, monkeypatch):
+    """validate builds the model and runs one forward: each model-code mistake is one line, exit 2."""
+    from edgecli.errors import ConfigError
+    from edgecli.validate import check_model, check_names
+
+    src, cls, args, msg = _CASES[case]
+    name = f"trust_v_{case}"
+    (tmp_path / f"{name}.py").write_text(src)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    csv = tmp_path / "d.csv"
+    _write_csv(csv)
+    cfg, _ = _cfg(tmp_path, {"dataset": "csv", "path": str(csv)}, model={"arch": f"{name}:{cls}", "args": args})
+    try:
+        with pytest.raises(ConfigError, match=msg) as e:
+            check_names(cfg)
+            check_model(cfg)
+        assert e.value.exit_code == 2
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_validate_refuses_missing_data_empty_class_folder_and_init_from(tmp_path):
+    from edgecli.errors import ConfigError, DataError
+    from edgecli.validate import check_model
+
+    cfg, _ = _cfg(tmp_path, {"dataset": "csv", "path": str(tmp_path / "nope.csv")})
+    with pytest.raises(DataError, match="does not exist"):
+        check_model(cfg)
+    root = tmp_path / "imgs"
+    for i in range(4):
+        _png(root / "a" / f"{i}.png", 30, i)
+    (root / "b").mkdir()
+    cfg, _ = _cfg(tmp_path, {"dataset": "imagefolder", "path": str(root)})
+    with pytest.raises(DataError, match="zero samples: b"):
+        check_model(cfg)
+    csv = tmp_path / "d.csv"
+    _write_csv(csv)
+    cfg, _ = _cfg(tmp_path, {"dataset": "csv", "path": str(csv)},
+                  train={"epochs": 1, "init_from": str(tmp_path / "missing.safetensors")})
+    with pytest.raises(ConfigError, match="train.init_from: no weights"):
+        check_model(cfg)
+
+
+def test_schema_refuses_torch_step_after_quantize_with_file_line(tmp_path):
+    from edgecli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config.yaml:\d+ .*must come before every quantize step"):
+        _cfg(tmp_path, {"dataset": "digits"},
+             compress={"steps": [{"quantize": {"mode": "dynamic"}}, {"prune": {"ratio": 0.5}}]})
+    with pytest.raises(ConfigError, match="qoperator applies to static"):
+        _cfg(tmp_path, {"dataset": "digits"},
+             compress={"steps": [{"quantize": {"mode": "dynamic", "format": "qoperator"}}]})

@@ -52,7 +52,17 @@ def test_external_minilm_auto_publishes_a_compressed_model_that_keeps_cosine(tmp
 
     # what a user does outside edgecli
     mdir = default_model_dir()
-    model = AutoModel.from_pretrained(str(mdir)).eval()
+    bert = AutoModel.from_pretrained(str(mdir), attn_implementation="eager").eval()
+
+    class Encoder(torch.nn.Module):  # token embeddings, as the model card's own ONNX export gives them
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    model = Encoder().eval()
     tok = Tokenizer.from_file(str(mdir / "tokenizer.json"))
     tok.no_padding()
     tok.enable_truncation(max_length=128)

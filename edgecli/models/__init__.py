@@ -41,8 +41,16 @@ def build_model(arch: str, input_shape: list[int], num_classes: int, args: dict 
                     raise ConfigError(f"{key}.args.{k}: '{arch}' takes no argument '{k}'{did_you_mean(k, choices)}")
     except (TypeError, ValueError):
         pass
+    if not isinstance(cls, type):
+        raise ConfigError(f"{key}.arch: '{arch}' is a {type(cls).__name__}, not a class (give 'pkg.mod:Class', "
+                          "a torch.nn.Module subclass)")
     try:
-        return cls(input_shape=list(input_shape), num_classes=int(num_classes), **args)
+        model = cls(input_shape=list(input_shape), num_classes=int(num_classes), **args)
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"{key}.arch: '{arch}' is not a torch.nn.Module subclass")
+        return model
     except ConfigError:
         raise
     except (TypeError, ValueError, OverflowError) as e:

@@ -80,6 +80,9 @@ def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: boo
     if num_classes < splits.num_classes:
         raise ConfigError(f"model.num_classes: {num_classes} is fewer than the dataset's {splits.num_classes} classes")
     model = build_model(cfg.model.arch, splits.spec.input_shape, num_classes, cfg.model.args)
+    from edgecli.validate import check_forward
+
+    check_forward(model, cfg.model.arch, splits, num_classes)  # model-code mistakes: one line, exit 2
     notes = []
     if cfg.train.init_from:
         wpath = resolve_init_from(cfg.train.init_from)
