@@ -537,7 +537,7 @@ class Declared:
 
     def digests(self, store: ArtifactStore) -> tuple[dict[str, str], dict[str, str]]:
         """(inputs name -> sha256, upstream stage -> manifest sha256), hashed through the run's cache."""
-        cache = HashCache(store.run_dir / HASH_CACHE)
+        cache = self._cache = HashCache(store.run_dir / HASH_CACHE)
         inputs = dict(self.values)
         for name, p in self.files.items():
             try:
@@ -546,9 +546,15 @@ class Declared:
                 from edgecli.safeio import shown
 
                 raise ArtifactError(f"{self.stage}: cannot read its input {shown(p)} ({e.strerror})") from None
-        cache.save()
         upstream = {st: upstream_fingerprint(store, st) for st in self.upstream}
         return inputs, upstream
+
+    def save_cache(self) -> None:
+        """Keep the hashes for the next run: called once the stage has published or skipped (a failed
+        run leaves nothing new in the run directory)."""
+        cache = getattr(self, "_cache", None)
+        if cache is not None:
+            cache.save()
 
     def fingerprint(self, inputs: dict[str, str], upstream: dict[str, str]) -> str:
         return sha256_json({"stage": self.stage, "version": __version__, "sections": self.sections,

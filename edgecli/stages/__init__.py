@@ -76,11 +76,14 @@ def run_stage(store: ArtifactStore, stage: str, fingerprint: str | Declared | Ca
         if callable(fingerprint):
             fingerprint = fingerprint()
         declared: tuple[dict, dict] = ({}, {})
-        if isinstance(fingerprint, Declared):
-            declared = fingerprint.digests(store)
-            fingerprint = fingerprint.fingerprint(*declared)
+        decl = fingerprint if isinstance(fingerprint, Declared) else None
+        if decl is not None:
+            declared = decl.digests(store)
+            fingerprint = decl.fingerprint(*declared)
         if not force and store.up_to_date(stage, fingerprint):
             res = skipped_result(store, stage)
+            if decl is not None:
+                decl.save_cache()
             if getattr(store, "stale_lock_message", ""):
                 res.messages.append(store.stale_lock_message)
             return res
@@ -95,6 +98,8 @@ def run_stage(store: ArtifactStore, stage: str, fingerprint: str | Declared | Ca
         except BaseException:
             store.discard(w)
             raise
+        if decl is not None:
+            decl.save_cache()
         outputs = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
         res = StageResult(stage, "done", final, time.time() - t0, metrics=metrics, outputs=outputs)
         if getattr(store, "stale_lock_message", ""):

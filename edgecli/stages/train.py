@@ -363,6 +363,7 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
         except BaseException:
             store.discard(w)
             raise
+        decl.save_cache()
         with contextlib.suppress(OSError):
             ckpt.unlink()
         barrier()  # released: the other ranks may exit now
