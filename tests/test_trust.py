@@ -388,3 +388,32 @@ def test_schema_refuses_torch_step_after_quantize_with_file_line(tmp_path):
     with pytest.raises(ConfigError, match="qoperator applies to static"):
         _cfg(tmp_path, {"dataset": "digits"},
              compress={"steps": [{"quantize": {"mode": "dynamic", "format": "qoperator"}}]})
+
+
+# --------------------------------------------------------------------------- section 3: bench confirms the choice
+
+
+def test_latency_check_publishes_only_what_bench_confirms_faster(tmp_path):
+    """compress's final check runs the bench worker in fresh processes: a 'choice' that bench measures
+    slower than its input is not published (the input is), and a faster one is."""
+    import torch
+
+    from edgecli.compression.confirm import confirm_choice
+    from edgecli.onnxio import export_onnx
+
+    def mlp(width, depth):
+        layers = [torch.nn.Linear(64, width)] + [torch.nn.Linear(width, width) for _ in range(depth)]
+        return torch.nn.Sequential(*layers, torch.nn.Linear(width, 10)).eval()
+
+    x = torch.randn(1, 64)
+    small, big = tmp_path / "small.onnx", tmp_path / "big.onnx"
+    export_onnx(mlp(16, 1), (x,), small)
+    export_onnx(mlp(1024, 6), (x,), big)  # ~6M MACs against ~2k: slower by far more than any noise
+    feed = {"input": x.numpy()}
+    slower = confirm_choice([("input", small), ("compress choice", big)], feed, 1, repeats=1,
+                            min_speedup=0.03, tmp=tmp_path)
+    assert slower["chosen_index"] == 0 and slower["reason"].startswith("not confirmed")
+    assert [m["processes"] for m in slower["models"]] == [1, 1]
+    faster = confirm_choice([("input", big), ("compress choice", small)], feed, 1, repeats=1,
+                            min_speedup=0.03, tmp=tmp_path)
+    assert faster["chosen_index"] == 1 and faster["reason"].startswith("confirmed")
