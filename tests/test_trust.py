@@ -138,6 +138,14 @@ def test_custom_model_source_change_reruns_train(tmp_path, monkeypatch):
         assert store.manifest("train")["inputs"]["model.arch:trust_custom_net.py"] == _sha(mod)
         assert _train(cfg, store).status == "skipped"
         mod.write_text(body.replace("HIDDEN", "12"))  # a changed default in the source file
+        sys.modules.pop("trust_custom_net", None)
+        from edgecli.errors import ConfigError
+        from edgecli.stages import compress
+
+        pcfg, _ = _cfg(tmp_path, {"dataset": "csv", "path": str(csv)}, model={"arch": "trust_custom_net:Net"},
+                       compress={"steps": [{"prune": {"ratio": 0.5, "finetune_epochs": 0}}]})
+        with pytest.raises(ConfigError, match="no longer fit 'trust_custom_net:Net'"):  # weights vs changed code
+            compress.run(pcfg, store, quiet=True)
         assert _train(cfg, store).status == "done"
     finally:
         sys.modules.pop("trust_custom_net", None)
@@ -417,3 +425,31 @@ def test_latency_check_publishes_only_what_bench_confirms_faster(tmp_path):
     faster = confirm_choice([("input", big), ("compress choice", small)], feed, 1, repeats=1,
                             min_speedup=0.03, tmp=tmp_path)
     assert faster["chosen_index"] == 1 and faster["reason"].startswith("confirmed")
+
+
+def test_data_package_has_no_import_cycle():
+    """Issue 15 item 6: text no longer imports datasets (data/base.py, data/images.py); any import,
+    function-level included, counts."""
+    import ast
+
+    from tests.conftest import REPO
+
+    pkg = REPO / "edgecli" / "data"
+    graph: dict[str, set[str]] = {}
+    for f in pkg.glob("*.py"):
+        mod = "edgecli.data" if f.stem == "__init__" else f"edgecli.data.{f.stem}"
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("edgecli.data"):
+                deps.add(node.module)
+        graph[mod] = deps - {mod}
+    assert "edgecli.data.datasets" not in graph["edgecli.data.text"]
+
+    def visit(m, stack):
+        for d in graph.get(m, ()):
+            assert d not in stack, f"import cycle: {' -> '.join([*stack, d])}"
+            visit(d, [*stack, d])
+
+    for m in graph:
+        if m != "edgecli.data":  # the package re-exports; its loaders are named in the registry, not imported
+            visit(m, [m])

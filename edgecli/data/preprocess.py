@@ -132,7 +132,7 @@ class PreprocessSpec:
     def apply(self, x: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         """Raw batch -> float32 model input batch (text: a dict of int64 input_ids/attention_mask)."""
         if self.kind == "text":
-            from edgecli.data.text import tokenize
+            from edgecli.data.tokens import tokenize
 
             # padded to this batch's longest sentence, never to max_length (16x slower at 7 tokens)
             return tokenize(x, self.extra["tokenizer"], self.extra["max_length"])

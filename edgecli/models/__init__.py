@@ -146,6 +146,18 @@ def build_from_info(info: dict, key: str = "model"):
     return model
 
 
+def load_weights_into(model, state: dict, arch: str, where: str) -> None:
+    """``model.load_state_dict(state)``, with weights that no longer fit the (changed) model code as one
+    ConfigError naming the class and the first mismatch, never a torch traceback."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
+        raise ConfigError(f"model.arch: the weights in {where} no longer fit '{arch}' (was its code changed?): "
+                          f"{detail[:200]}", hint="rerun `edgecli train -c <config>`") from None
+
+
 def replace_batchnorm(model, groups: int | None = None):
     """BatchNorm -> GroupNorm(gcd(32, C), C), in place: the rule of Opacus' ModuleValidator.fix (opacus 1.6
     ``validators/batch_norm.py``), written out so compress/bench can rebuild the model without Opacus."""

@@ -251,7 +251,7 @@ def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> t
     """Run prune/distill/sparsity in order; return (onnx path, step records, final model, notes)."""
     from edgecli.compression import TorchContext
     from edgecli.compression.quantize import time_p50
-    from edgecli.models import build_from_info, trusted_archs, trusted_info
+    from edgecli.models import build_from_info, load_weights_into, trusted_archs, trusted_info
     from edgecli.training import load_weights_file
 
     man = store.manifest("train")
@@ -260,7 +260,8 @@ def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> t
         raise ArtifactError("train manifest has no model_info; rerun `edgecli train -c <config> --force`")
     info = trusted_info(info, trusted_archs(cfg), str(store.stage_dir("train") / "manifest.json"))
     model = build_from_info(info)
-    model.load_state_dict(load_weights_file(store.require("train", "weights.safetensors")))
+    wpath = store.require("train", "weights.safetensors")
+    load_weights_into(model, load_weights_file(wpath), info["arch"], str(wpath))
     model.eval()
     splits = data.splits
     before = _measure_torch(model, info, cfg, splits, work, "step-input", data)
