@@ -453,3 +453,29 @@ def test_data_package_has_no_import_cycle():
     for m in graph:
         if m != "edgecli.data":  # the package re-exports; its loaders are named in the registry, not imported
             visit(m, [m])
+
+
+# --------------------------------------------------------------------------- section 2: the metric follows the output
+
+
+def test_fidelity_metric_is_chosen_from_the_output(tmp_path):
+    import onnx
+    import torch
+
+    from edgecli.compression.quantize import output_kind
+
+    def model(width, name, rank3=False):
+        net = torch.nn.Linear(4, width).eval()
+        p = tmp_path / f"{name}-{width}-{rank3}.onnx"
+        x = torch.zeros(1, 3, 4) if rank3 else torch.zeros(1, 4)
+        torch.onnx.export(net, (x,), str(p), dynamo=False, input_names=["x"], output_names=[name],
+                          dynamic_axes={"x": {0: "b"}, name: {0: "b"}})
+        return onnx.load(str(p))
+
+    assert output_kind(model(384, "y"), None, None)[0] == "embedding"  # an external sentence embedder
+    assert output_kind(model(384, "y", rank3=True), None, None)[0] == "embedding"  # token embeddings
+    assert output_kind(model(1, "y"), None, None)[0] == "embedding"  # a regressor
+    assert output_kind(model(5, "y"), None, None)[0] == "class_scores"
+    assert output_kind(model(100, "y"), None, 100)[0] == "class_scores"  # the data's class count
+    assert output_kind(model(100, "logits"), None, None)[0] == "class_scores"
+    assert output_kind(model(10, "logits"), {"output_names": ["embedding"]}, None)[0] == "embedding"

@@ -61,6 +61,8 @@ def model_inputs(model) -> list[InputSpec]:
 
 
 _CLASS_NAMES = ("logit", "prob", "score", "class", "label", "pred")
+# an unnamed [N, K] output wider than this is read as an embedding (sentence embedders have 128-1024 dims)
+MAX_UNNAMED_CLASSES = 32
 
 
 def output_kind(model, info: dict | None, num_classes: int | None) -> tuple[str, str]:
@@ -69,7 +71,8 @@ def output_kind(model, info: dict | None, num_classes: int | None) -> tuple[str,
     The fidelity metric follows from it, never from whether labels happen to exist: top-1 of a
     384-d embedding means nothing (a static-INT8 MiniLM kept "fidelity" 0.0 at min cosine 0.36 and
     was published). Class scores are a rank-2 output [N, K>=2] that edgecli's metadata names logits,
-    whose K equals the data's class count, or whose name says so; anything else is compared by cosine.
+    whose K equals the data's class count, whose name says so, or whose K is at most 32; anything else
+    is compared by cosine.
     """
     names = (info or {}).get("output_names")
     if names == ["embedding"]:
@@ -85,7 +88,10 @@ def output_kind(model, info: dict | None, num_classes: int | None) -> tuple[str,
         return "class_scores", f"output {out.name} [N, {k}] matches the data's {num_classes} classes"
     if any(w in out.name.lower() for w in _CLASS_NAMES):
         return "class_scores", f"output {out.name} [N, {k}] is named as class scores"
-    return "embedding", f"output {out.name} [N, {k}] is not named as class scores and matches no class count"
+    if k <= MAX_UNNAMED_CLASSES:
+        return "class_scores", f"output {out.name} [N, {k}]: few enough values to be class scores"
+    return "embedding", (f"output {out.name} [N, {k}] is wider than {MAX_UNNAMED_CLASSES}, not named as class scores "
+                         "and matches no class count: compared by cosine (the stricter reading)")
 
 
 def fit_problem(x: np.ndarray, spec: InputSpec) -> str | None:
