@@ -267,13 +267,13 @@ class CompressConfig(_Strict):
                 first_q = i if first_q is None else first_q
                 q = st.quantize
                 if q.mode == "int4_weight_only" and q.block_size & (q.block_size - 1):
-                    problems.append(f"steps.{i}.quantize.block_size must be a power of two >= 16 (got {q.block_size})")
+                    problems.append(f"compress.steps.{i}.quantize.block_size must be a power of two >= 16 (got {q.block_size})")
                 if q.format == "qoperator" and q.mode not in ("static", "auto"):
-                    problems.append(f"steps.{i}.quantize.format: qoperator applies to static quantization only "
+                    problems.append(f"compress.steps.{i}.quantize.format: qoperator applies to static quantization only "
                                     f"(mode is {q.mode})")
             elif first_q is not None:
-                problems.append(f"steps.{i}: {st.kind} is a PyTorch-level step and must come before every quantize "
-                                f"step (steps.{first_q} quantizes the ONNX model; nothing trainable is left after it)")
+                problems.append(f"compress.steps.{i}: {st.kind} is a PyTorch-level step and must come before every quantize "
+                                f"step (compress.steps.{first_q} quantizes the ONNX model; nothing trainable is left after it)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

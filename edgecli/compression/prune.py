@@ -261,6 +261,11 @@ def _try(ctx, opts, original, example, ratio: float, base: tuple[int, int], loss
         raise CheckFailed(f"prune: pruning changed the output to {tuple(with_out.shape)}; "
                           "add the output layer to prune.ignore")
     params, macs = count_params_macs(model, example)
+    if params >= base[0] and (opts.round_to or 1) > 1:
+        # a small ratio rounded to multiples of round_to can keep every channel: prune without rounding
+        model, info = _try(ctx, opts.model_copy(update={"round_to": None}), original, example, ratio, base, loss_fn)
+        info["round_to"] = f"none (round_to {opts.round_to} kept every channel at ratio {ratio:.4g})"
+        return model, info
     if params >= base[0]:
         raise ConfigError(f"prune: importance '{opts.importance}' removed no channel (nothing it can rank: "
                           "bn_scale needs BatchNorm layers); use l1 or l2")
