@@ -178,6 +178,7 @@ class StageWriter:
     started: float = field(default_factory=time.time)
     inputs: dict[str, str] = field(default_factory=dict)  # name -> sha256
     upstream: dict[str, str] = field(default_factory=dict)  # stage -> manifest sha256
+    fingerprint: str = ""  # set by run_stage from the stage's declared inputs
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -488,3 +489,93 @@ def lineage_privacy(store: ArtifactStore, lineage: dict) -> dict:
     if man.get("federated"):
         out["federated"] = man["federated"]
     return out
+
+
+# --------------------------------------------------------------------------- declared inputs
+
+HASH_CACHE = ".hashcache.json"
+
+
+class HashCache:
+    """(path, size, mtime_ns) -> sha256 of the files a run's stages read, kept beside the run.
+
+    As DVC's state database: an unchanged 10,000-image folder is answered from ``stat`` alone,
+    while a file whose size or modification time moved is hashed again. A file edited within the
+    same nanosecond tick and size would be missed; editors and ``cp`` change mtime_ns.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[str, list] = {}
+        self.dirty = False
+        with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
+            if not _is_link(path) and path.is_file():
+                raw = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(raw, dict):
+                    self.entries = {k: v for k, v in raw.items() if isinstance(v, list) and len(v) == 3}
+
+    def sha256(self, path: Path) -> str:
+        key = os.path.abspath(path)
+        st = os.stat(path)
+        hit = self.entries.get(key)
+        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns and isinstance(hit[2], str):
+            return hit[2]
+        digest = sha256_file(path)
+        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.dirty and self.path.parent.is_dir():
+            with contextlib.suppress(OSError, ArtifactError):
+                write_json_atomic(self.path, self.entries)
+            self.dirty = False
+
+
+@dataclass
+class Declared:
+    """What a stage depends on: config sections, files it reads, upstream stages it reads.
+
+    The stage fills it as it resolves its inputs (inside the run lock); the fingerprint is the hash
+    of exactly this record, and the manifest's ``inputs`` / ``upstream`` list the same entries, so
+    the skip decision and the record of what was read cannot drift apart (DVC's stage cache key is
+    built from the lock entry it writes, the same way).
+    """
+
+    stage: str
+    sections: dict
+    files: dict[str, Path] = field(default_factory=dict)  # name shown in the manifest -> path
+    upstream: list[str] = field(default_factory=list)
+    values: dict[str, str] = field(default_factory=dict)  # name -> a digest known without a file
+
+    def file(self, name: str, path: Path) -> None:
+        self.files[name] = Path(path)
+
+    def stage_input(self, stage: str) -> None:
+        if stage not in self.upstream:
+            self.upstream.append(stage)
+
+    def digests(self, store: ArtifactStore) -> tuple[dict[str, str], dict[str, str]]:
+        """(inputs name -> sha256, upstream stage -> manifest sha256), hashed through the run's cache."""
+        cache = self._cache = HashCache(store.run_dir / HASH_CACHE)
+        inputs = dict(self.values)
+        for name, p in self.files.items():
+            try:
+                inputs[name] = cache.sha256(p)
+            except OSError as e:
+                from edgecli.safeio import shown
+
+                raise ArtifactError(f"{self.stage}: cannot read its input {shown(p)} ({e.strerror})") from None
+        upstream = {st: upstream_fingerprint(store, st) for st in self.upstream}
+        return inputs, upstream
+
+    def save_cache(self) -> None:
+        """Keep the hashes for the next run: called once the stage has published or skipped (a failed
+        run leaves nothing new in the run directory)."""
+        cache = getattr(self, "_cache", None)
+        if cache is not None:
+            cache.save()
+
+    def fingerprint(self, inputs: dict[str, str], upstream: dict[str, str]) -> str:
+        return sha256_json({"stage": self.stage, "version": __version__, "sections": self.sections,
+                            "inputs": inputs, "upstream": upstream})

@@ -251,24 +251,39 @@ def infer(
 def validate(
     config: ConfigOpt,
     set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    no_build: Annotated[bool, typer.Option("--no-build", help="skip loading the data and building the model")] = False,
 ):
-    """Check a config: schema, and that every dataset, model and method name resolves."""
+    """Check a config as the stages will: schema, names, data, and the model built and run on one sample."""
     _setup(False, False)
     try:
         from edgecli.config import load_config
-        from edgecli.validate import check_artifacts, check_names, describe
+        from edgecli.validate import check_artifacts, check_model, check_names, describe
 
         cfg = load_config(config, set_ or [])
         check_names(cfg)
-        for line in describe(cfg) + check_artifacts(cfg):
-            print(line)
-        print(f"{config}: ok")
+        lines = describe(cfg) + check_artifacts(cfg) + ([] if no_build else check_model(cfg))
+        if as_json:
+            import json
+
+            print(json.dumps({"config": str(config), "ok": True, "checks": lines}))
+        else:
+            for line in lines:
+                print(line)
+            print(f"{config}: ok")
     except (Exception, KeyboardInterrupt) as e:  # the same total funnel as the stage commands
         if debug_enabled() and not isinstance(e, KeyboardInterrupt):
             import traceback
 
             traceback.print_exc()
         code = report(e)
+        if as_json and isinstance(e, Exception):
+            import json
+
+            from edgecli.errors import EdgeError
+
+            msg = e.message if isinstance(e, EdgeError) else f"{type(e).__name__}: {e}"
+            print(json.dumps({"config": str(config), "ok": False, "error": msg, "exit_code": code}))
         raise typer.Exit(code if code >= 0 else report_unexpected(e)) from None
 
 

@@ -40,7 +40,8 @@ class DataConfig(_Strict):
     test_split: float = Field(0.2, ge=0.0, lt=0.9)
     label_column: str = "label"
     text_column: str = "text"
-    class_names: list[str] | None = None
+    class_names: list[str] | dict[int, str] | None = Field(
+        None, description="class order (a list), or names of numeric labels ({0: malignant, 1: benign})")
     max_samples: int | None = Field(None, gt=0)
     # synthetic data: shape of one sample (C,H,W or F), classes and count
     shape: list[int] | None = None
@@ -205,7 +206,8 @@ class PruneConfig(_Strict):
     global_pruning: bool = False
     iterative_steps: int = Field(1, ge=1)
     ignore: list[str] | None = Field(None, description="module names kept whole (default: the classifier)")
-    round_to: int | None = Field(None, ge=1, description="keep channel counts multiples of this (e.g. 4 or 8)")
+    round_to: int | None = Field(
+        8, ge=1, description="keep channel counts multiples of this (kernels like multiples of 8; 1 or null: any count)")
     finetune_epochs: int = Field(10, ge=0)
     lr: float | None = Field(None, gt=0)
     distill: DistillConfig | None = None
@@ -242,14 +244,39 @@ class StepConfig(_Strict):
 class CompressConfig(_Strict):
     input: str = Field("train", description="a stage name or a path to an ONNX model")
     steps: list[StepConfig] = Field(default_factory=list)
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="guard for class scores: accuracy (or top-1 agreement) may drop this much")
+    min_cosine: float = Field(
+        0.99, ge=-1, le=1, description="guard for embeddings/regressors: every sample keeps this cosine to FP32")
     objective: Literal["latency", "size"] = "latency"
     threads: int = Field(1, ge=1, le=1024)
+    confirm_repeats: int = Field(
+        3, ge=0, le=10, description="objective latency: fresh processes (bench's protocol) that confirm the choice; 0 skips")
     eval_samples: int | None = Field(None, ge=1, description="validation samples used to score candidates")
     transformer_optimize: bool = Field(
         False, description="fuse attention/LayerNorm/GELU (ONNX Runtime's BERT optimizer) before quantizing")
     num_heads: int | None = Field(None, ge=1, description="transformer_optimize: attention heads (default: the model's config.json)")
     hidden_size: int | None = Field(None, ge=1, description="transformer_optimize: hidden size (default: the model's config.json)")
+
+    @model_validator(mode="after")
+    def _step_order(self):
+        """Cross-field rules of the steps, here so that validate and --dry-run report them with file:line."""
+        problems, first_q = [], None
+        for i, st in enumerate(self.steps):
+            if st.kind == "quantize":
+                first_q = i if first_q is None else first_q
+                q = st.quantize
+                if q.mode == "int4_weight_only" and q.block_size & (q.block_size - 1):
+                    problems.append(f"compress.steps.{i}.quantize.block_size must be a power of two >= 16 (got {q.block_size})")
+                if q.format == "qoperator" and q.mode not in ("static", "auto"):
+                    problems.append(f"compress.steps.{i}.quantize.format: qoperator applies to static quantization only "
+                                    f"(mode is {q.mode})")
+            elif first_q is not None:
+                problems.append(f"compress.steps.{i}: {st.kind} is a PyTorch-level step and must come before every quantize "
+                                f"step (compress.steps.{first_q} quantizes the ONNX model; nothing trainable is left after it)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class ParityConfig(_Strict):

@@ -292,16 +292,19 @@ class TableReader(Reader):
         if not rows:
             raise DataError(f"{name}: empty CSV file")
         drop = None
+        order = None
         has_header = not any(_is_number(c) for c in rows[0])  # a data row with one typo is still data
         if has_header:
             header = [c.strip().lower() for c in rows[0]]
             drop = header.index(label) if label in header else None
+            order = self._columns(header, drop, name)
             rows = rows[1:]
             if not rows:
                 raise DataError(f"{name}: only a header line, no rows of features")
         out = []
         for i, r in enumerate(rows, start=2 if has_header else 1):
-            vals = [c for j, c in enumerate(r) if j != drop]
+            vals = [r[j] for j in order] if order is not None and len(r) == len(rows[0]) else \
+                [c for j, c in enumerate(r) if j != drop]
             try:
                 out.append([float(c) for c in vals])
             except ValueError:
@@ -309,6 +312,25 @@ class TableReader(Reader):
         if len({len(r) for r in out}) > 1:
             raise DataError(f"{name}: rows have different numbers of values")
         return np.asarray(out, dtype=np.float64)
+
+    def _columns(self, header: list[str], drop: int | None, name: str) -> list[int] | None:
+        """Column positions in the model's feature order, matched by the training CSV's names.
+
+        Reordered columns give the same answers; a missing or extra column is an error naming it.
+        None for a model trained without feature names (position order, as before)."""
+        names = self.info.get("feature_names")
+        if not names:
+            return None
+        want = [str(n).strip().lower() for n in names]
+        have = {h: j for j, h in enumerate(header) if j != drop}
+        missing = [n for n in want if n not in have]
+        if missing:
+            raise DataError(f"{name}: column {missing[0]!r} is missing (the model takes {', '.join(names[:8])})")
+        extra = [h for h in have if h not in want]
+        if extra:
+            raise DataError(f"{name}: column {extra[0]!r} is not a feature of this model "
+                            f"(it takes {', '.join(names[:8])})")
+        return [have[n] for n in want]
 
     def json_obj(self, obj: dict, name: str) -> Sample:
         if "features" not in obj:

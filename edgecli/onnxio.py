@@ -89,6 +89,13 @@ def model_bytes(path: Path) -> int:
     return total
 
 
+def model_files(path: Path) -> list[Path]:
+    """An ONNX file and the external-data files it names (what a stage reading it declares)."""
+    m = load_onnx(path, load_external=False)
+    locs = sorted({dict((e.key, e.value) for e in t.external_data).get("location", "") for t in _external_tensors(m)})
+    return [Path(path)] + [Path(path).parent / loc for loc in locs if loc]
+
+
 def _graph_tensors(g):
     """Every TensorProto a graph holds: initializers, sparse initializers (values and indices), node
     attributes (tensors, sparse tensors) and, recursively, subgraphs. onnx's own helper misses sparse ones."""
@@ -519,13 +526,6 @@ def io_desc(vi) -> dict:
     shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in tt.shape.dim]
     return {"name": vi.name, "shape": shape, "dtype": helper.tensor_dtype_to_np_dtype(tt.elem_type).name
             if tt.elem_type else None}
-
-
-def model_files(path: Path) -> list[Path]:
-    """An ONNX file and the external-data files it names (what a hash of the input covers)."""
-    m = load_onnx(path, load_external=False)
-    locs = sorted({dict((e.key, e.value) for e in t.external_data).get("location", "") for t in _external_tensors(m)})
-    return [path] + [path.parent / loc for loc in locs if loc]
 
 
 # --------------------------------------------------------------------------- model inputs

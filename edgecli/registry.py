@@ -53,6 +53,10 @@ def import_target(target: str, key: str) -> Any:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise ConfigError(f"{key}: cannot import '{mod_name}' ({e})") from None
+    except Exception as e:  # noqa: BLE001 - user code: a SyntaxError or an exception at import is one line
+        where = f" at line {e.lineno}" if isinstance(e, SyntaxError) and e.lineno else ""
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"{key}: importing '{mod_name}' failed{where} ({type(e).__name__}: {first})") from None
     try:
         obj = mod
         for part in attr.split("."):

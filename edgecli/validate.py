@@ -67,3 +67,84 @@ def check_artifacts(cfg: PipelineConfig) -> list[str]:
             info = trusted_info(info, trusted_archs(cfg), str(store.stage_dir("train") / "manifest.json"))
             out.append(f"artifacts: {store.stage_dir('train')} builds {info['arch']}")
     return out
+
+
+def check_model(cfg: PipelineConfig) -> list[str]:
+    """What train would refuse, found now: the data (path, files, empty class folders, split sizes),
+    ``init_from``, then the model built for the data's input shape and run forward on one sample.
+
+    A model-code mistake (import error, not a Module, a function, a wrong signature, a forward that
+    fails on the shape, a tuple/dict output, an output size other than the class count) is a
+    ConfigError naming the class and the shape. Returns lines for ``validate``'s report.
+    """
+    from edgecli.data import input_files, load_splits
+
+    input_files(cfg)  # a missing path, an empty class folder: before anything is loaded
+    splits = load_splits(cfg)
+    out = [f"data: {splits.source}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
+           f"{splits.num_classes} classes, input {splits.spec.input_shape}"]
+    return out + _forward(cfg, splits)
+
+
+def _forward(cfg: PipelineConfig, splits) -> list[str]:
+    import torch
+
+    from edgecli.models import MODELS, build_model
+
+    arch = cfg.model.arch
+    shape = list(splits.spec.input_shape)
+    num_classes = cfg.model.num_classes or splits.num_classes
+    try:
+        cls = MODELS.load(arch)
+    except ConfigError:
+        raise
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        what = "a function" if callable(cls) and not isinstance(cls, type) else f"a {type(cls).__name__}"
+        raise ConfigError(f"model.arch: '{arch}' is {what}, not a torch.nn.Module class")
+    model = build_model(arch, shape, num_classes, cfg.model.args)
+    if cfg.train.init_from:
+        from edgecli.training import load_matching, load_weights_file
+
+        w = _init_from(cfg.train.init_from)
+        loaded, _ = load_matching(model, load_weights_file(w))
+        if not loaded:
+            raise ConfigError(f"train.init_from: no tensor in {w} matches model '{arch}' by name and shape")
+    return check_forward(model, arch, splits, num_classes)
+
+
+def check_forward(model, arch: str, splits, num_classes: int) -> list[str]:
+    """One forward on one validation sample: a ConfigError naming the class and shape if it fails,
+    returns something other than a tensor, or gives an output size other than the class count."""
+    import torch
+
+    shape = list(splits.spec.input_shape)
+    x = splits.val.x
+    sample = {k: torch.as_tensor(v[:1]) for k, v in x.items()} if isinstance(x, dict) else torch.as_tensor(x[:1])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            y = model(**sample) if isinstance(sample, dict) else model(sample)
+    except Exception as e:  # noqa: BLE001 - the user's forward: any failure is reported as one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"model.arch: '{arch}' fails forward on one sample of shape {[1, *shape]} "
+                          f"({type(e).__name__}: {first})") from None
+    if not isinstance(y, torch.Tensor):
+        raise ConfigError(f"model.arch: '{arch}' returns a {type(y).__name__} for input {[1, *shape]}; "
+                          "edgecli needs one tensor of class scores [N, classes]")
+    model.train(was_training)
+    embedder = getattr(model, "output_name", "logits") != "logits"
+    if not embedder and (y.ndim != 2 or y.shape[1] != num_classes):
+        raise ConfigError(f"model.arch: '{arch}' outputs shape {list(y.shape)} for input {[1, *shape]}, but the data "
+                          f"has {num_classes} classes (expected [1, {num_classes}])")
+    return [f"model: {arch} builds for input {[1, *shape]} and outputs {list(y.shape)}"]
+
+
+def _init_from(ref: str):
+    from pathlib import Path
+
+    p = Path(ref).expanduser()
+    for cand in (p, p / "weights.safetensors", p / "train" / "weights.safetensors"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"train.init_from: no weights at {p} (give a .safetensors file or a train stage directory)")

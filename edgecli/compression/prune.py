@@ -261,6 +261,11 @@ def _try(ctx, opts, original, example, ratio: float, base: tuple[int, int], loss
         raise CheckFailed(f"prune: pruning changed the output to {tuple(with_out.shape)}; "
                           "add the output layer to prune.ignore")
     params, macs = count_params_macs(model, example)
+    if params >= base[0] and (opts.round_to or 1) > 1:
+        # a small ratio rounded to multiples of round_to can keep every channel: prune without rounding
+        model, info = _try(ctx, opts.model_copy(update={"round_to": None}), original, example, ratio, base, loss_fn)
+        info["round_to"] = f"none (round_to {opts.round_to} kept every channel at ratio {ratio:.4g})"
+        return model, info
     if params >= base[0]:
         raise ConfigError(f"prune: importance '{opts.importance}' removed no channel (nothing it can rank: "
                           "bn_scale needs BatchNorm layers); use l1 or l2")
@@ -335,13 +340,13 @@ def prune_step(ctx, opts) -> dict:
             break
         ratio = nxt
 
-    failed = None
+    failed, backed_off = None, None
     if not best_info["passed"]:
         failed = (f"max_accuracy_drop: every try lost more than {limit:g} validation accuracy "
                   f"(best {best_info['accuracy_drop']:.4f} at ratio {best_info['ratio']:g}); kept the most accurate")
-    elif best_info["ratio"] < opts.ratio:
-        failed = (f"max_accuracy_drop: ratio {opts.ratio:g} lost {tries[0]['accuracy_drop']:.4f} > {limit:g}; "
-                  f"backed off to {best_info['ratio']:g}")
+    elif best_info["ratio"] < opts.ratio:  # a backed-off ratio that holds is a success, not a failed constraint
+        backed_off = (f"ratio {opts.ratio:g} lost {tries[0]['accuracy_drop']:.4f} > max_accuracy_drop {limit:g}; "
+                      f"backed off to {best_info['ratio']:g}, which holds")
     if best_info.get("search_removed") is not None and best_info["search_removed"] < best_info["ratio"] - 1e-9:
         failed = ((failed + "; ") if failed else "") + (
             f"target: no channel ratio up to 0.9 removes {best_info['ratio']:g} of {opts.target} "
@@ -353,7 +358,7 @@ def prune_step(ctx, opts) -> dict:
         f"prune: {opts.importance} {'global' if opts.global_pruning else 'uniform'} ratio {best_info['ratio']:g} "
         f"({opts.target}): params {base[0]:,} -> {params:,} ({params / base[0]:.0%}), MACs {base[1]:,} -> {macs:,} "
         f"({macs / base[1]:.0%}), val accuracy {input_acc:.4f} -> {best_info['val_accuracy']:.4f}"
-        + (f"; {failed}" if failed else "")
+        + (f"; {failed}" if failed else "") + (f"; {backed_off}" if backed_off else "")
     )
     return {
         "method": "prune", "importance": opts.importance, "scope": "global" if opts.global_pruning else "uniform",
@@ -365,7 +370,8 @@ def prune_step(ctx, opts) -> dict:
         "params_before": base[0], "params_after": params, "macs_before": base[1], "macs_after": macs,
         "params_fraction": round(params / base[0], 4), "macs_fraction": round(macs / base[1], 4),
         "val_accuracy_before": input_acc, "val_accuracy_after": best_info["val_accuracy"],
-        "max_accuracy_drop": limit, "failed_constraint": failed, "tries": tries,
+        "max_accuracy_drop": limit, "failed_constraint": failed, "backed_off": backed_off, "tries": tries,
+        "round_to": opts.round_to,
         "conv_channels": {k: {"before": list(base_channels[k]), "after": list(after_channels.get(k, ()))}
                           for k in base_channels},
         "seconds": round(time.time() - t0, 2),

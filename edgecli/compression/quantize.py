@@ -32,6 +32,40 @@ MIN_SPEEDUP = 0.03
 DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "GRU", "EmbedLayerNormalization")
 MAX_BACKOFF_TRIES = 8
 
+_CLASS_NAMES = ("logit", "prob", "score", "class", "label", "pred")
+# an unnamed [N, K] output wider than this is read as an embedding (sentence embedders have 128-1024 dims)
+MAX_UNNAMED_CLASSES = 32
+
+
+def output_kind(model, info: dict | None, num_classes: int | None) -> tuple[str, str]:
+    """("class_scores" | "embedding", why): what the model's first output is, decided from the output.
+
+    The fidelity metric follows from it, never from whether labels happen to exist: top-1 of a
+    384-d embedding means nothing (a static-INT8 MiniLM kept "fidelity" 0.0 at min cosine 0.36 and
+    was published). Class scores are a rank-2 output [N, K>=2] that edgecli's metadata names logits,
+    whose K equals the data's class count, whose name says so, or whose K is at most 32; anything else
+    is compared by cosine.
+    """
+    names = (info or {}).get("output_names")
+    if names == ["embedding"]:
+        return "embedding", "the model's metadata names its output 'embedding'"
+    out = model.graph.output[0]
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in out.type.tensor_type.shape.dim]
+    k = dims[-1] if dims else None
+    if len(dims) != 2 or k is None or k < 2:
+        return "embedding", f"output {out.name} has shape {['N' if d is None else d for d in dims]}, not class scores [N, K]"
+    if names == ["logits"]:
+        return "class_scores", "the model's metadata names its output 'logits'"
+    if num_classes is not None and k == num_classes:
+        return "class_scores", f"output {out.name} [N, {k}] matches the data's {num_classes} classes"
+    if any(w in out.name.lower() for w in _CLASS_NAMES):
+        return "class_scores", f"output {out.name} [N, {k}] is named as class scores"
+    if k <= MAX_UNNAMED_CLASSES:
+        return "class_scores", f"output {out.name} [N, {k}]: few enough values to be class scores"
+    return "embedding", (f"output {out.name} [N, {k}] is wider than {MAX_UNNAMED_CLASSES}, not named as class scores "
+                         "and matches no class count: compared by cosine (the stricter reading)")
+
+
 
 
 # --------------------------------------------------------------------------- scoring and timing
@@ -74,7 +108,10 @@ class Scorer:
         if self.reference is not None:
             ref = self.reference
             agree = top1_agreement(ref.reshape(len(ref), -1), out.reshape(len(out), -1))
-            cos = cosine_similarity(ref, out)
+            if ref.reshape(len(ref), -1).shape[1] == 1:  # a scalar regressor: per-sample cosine is only a sign
+                cos = cosine_similarity(ref.reshape(1, -1), out.reshape(1, -1))
+            else:
+                cos = cosine_similarity(ref, out)
             res.update(top1_agreement=agree, cosine_mean=float(cos.mean()), cosine_min=float(cos.min()))
             if self.labels is None:
                 res["score"] = float(cos.min()) if self.embedding else agree
@@ -348,8 +385,11 @@ class QuantizeJob:
 
     def __init__(self, src: Path, work: Path, opts, *, scorer: Scorer, calib: dict[str, np.ndarray] | None,
                  calib_problem: str | None, feed1: dict[str, np.ndarray], threads: int,
-                 max_drop: float | None, objective: str, key: str, log=lambda m: None):
+                 max_drop: float | None, objective: str, key: str, log=lambda m: None,
+                 min_cosine: float | None = None):
         self.src, self.work, self.opts = Path(src), Path(work), opts
+        # the guard: min_cosine for embeddings/regressors (score is the worst cosine), else max_drop
+        self.min_cosine = min_cosine if scorer.embedding else None
         self.scorer, self.calib, self.calib_problem = scorer, calib, calib_problem
         self.feed1, self.threads, self.max_drop, self.objective = feed1, threads, max_drop, objective
         self.key, self.log = key, log
@@ -400,9 +440,24 @@ class QuantizeJob:
             return None
         return self.base.score - cand.score
 
+    @property
+    def guard(self) -> tuple[str, float] | None:
+        if self.min_cosine is not None:
+            return "min_cosine", self.min_cosine
+        return ("max_accuracy_drop", self.max_drop) if self.max_drop is not None else None
+
     def _holds(self, cand: Candidate) -> bool:
+        if self.min_cosine is not None:
+            return cand.score is not None and cand.score >= self.min_cosine - 1e-9
         d = self._drop(cand)
         return d is not None and (self.max_drop is None or d <= self.max_drop + 1e-9)
+
+    def _guard_reason(self, cand: Candidate) -> str:
+        if cand.score is None:
+            return "not scored"
+        if self.min_cosine is not None:
+            return f"min cosine {cand.score:.4f} < min_cosine {self.min_cosine} (guard)"
+        return f"{self.scorer.metric} drop {self._drop(cand):.4f} > max_accuracy_drop {self.max_drop} (guard)"
 
     # ----------------------------------------------------------------- plan
     def _plan(self, model) -> list[Candidate]:
@@ -514,9 +569,12 @@ class QuantizeJob:
         built = [c for c in cands if c.path is not None]
         # accuracy-aware: if no INT8 candidate holds the budget, back off the first one (static
         # first) by leaving its most sensitive nodes in FP32
-        statics = [c for c in built if c.mode == "static"] or [c for c in built if c.mode == "dynamic"]
-        if self.max_drop is not None and statics and not any(self._holds(c) for c in statics):
-            cands += self._backoff(statics[0], prepped)
+        # the INT8 candidate closest to the guard is backed off (static first on a tie): on an external
+        # MiniLM static INT8 kept min cosine 0.36 while dynamic kept 0.98, one sensitive node short of 0.99
+        int8 = [c for c in built if c.mode == "static"] + [c for c in built if c.mode == "dynamic"]
+        if self.guard is not None and int8 and not any(self._holds(c) for c in int8):
+            first = max(int8, key=lambda c: c.score if c.score is not None else float("-inf"))
+            cands += self._backoff(first, prepped)
             built = [c for c in cands if c.path is not None]
         # latency-aware: time every built candidate side by side with the input
         self.log(f"timing {len(built) + 1} models at batch 1, {self.threads} thread(s)")
@@ -529,15 +587,17 @@ class QuantizeJob:
     def _choose(self, cands: list[Candidate]) -> QuantizeOutcome:
         forced = bool(self.opts.force) and self.opts.mode != "auto"
         base = self.base
+        guard = self.guard[0] if self.guard else "max_accuracy_drop"
         ok: list[Candidate] = []
         for c in cands:
             if c.path is None:
                 continue
             if not self._holds(c):
-                c.failed.append("max_accuracy_drop")
-                c.reason = (f"{self.scorer.metric} drop {self._drop(c):.4f} > max_accuracy_drop {self.max_drop}"
-                            if self._drop(c) is not None else "not scored")
-                continue
+                c.failed.append(guard)
+                c.reason = self._guard_reason(c)
+                if not forced:
+                    continue
+                c.reason += "; kept: force: true"
             slower = c.p50_ms >= base.p50_ms * (1 - MIN_SPEEDUP)
             if self.objective == "latency" and slower and not forced:
                 c.failed.append("latency")
@@ -561,8 +621,10 @@ class QuantizeJob:
         if chosen is not None:
             chosen.chosen = True
             ratio = chosen.p50_ms / base.p50_ms
+            held = (f"min cosine {chosen.score:.4f}" if self.min_cosine is not None
+                    else f"{self.scorer.metric} drop {self._drop(chosen):.4f}")
             chosen.reason = (f"best by {self.objective}: {ratio:.2f}x input latency, "
-                             f"{chosen.bytes / base.bytes:.2f}x size, {self.scorer.metric} drop {self._drop(chosen):.4f}")
+                             f"{chosen.bytes / base.bytes:.2f}x size, {held}")
             if forced and self.objective == "latency" and chosen.p50_ms >= base.p50_ms * (1 - MIN_SPEEDUP):
                 chosen.reason += f" (forced: mode {self.opts.mode} kept although it is not faster than its input)"
             verdict = f"chose {chosen.name}"
@@ -571,8 +633,8 @@ class QuantizeJob:
             fails = [f for c in tried for f in c.failed]
             if not tried:
                 failed_constraint = "no candidate could be built"
-            elif all("max_accuracy_drop" in c.failed for c in tried):
-                failed_constraint = "max_accuracy_drop"
+            elif all(guard in c.failed for c in tried):
+                failed_constraint = guard
             else:
                 failed_constraint = max(set(fails), key=fails.count) if fails else "none"
             verdict = f"kept FP32 input: no candidate held {failed_constraint}"

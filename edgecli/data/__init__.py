@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class Splits:
     class_names: list[str]
     kind: str
     source: str
+    feature_names: list[str] | None = None  # table data: the feature columns by name, in model order
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +65,30 @@ def split_indices(y: np.ndarray, val: float, test: float, seed: int) -> tuple[np
         tr.append(idx[n_te + n_va :])
     out = tuple(np.sort(np.concatenate(p)) for p in (tr, va, te))
     return out  # type: ignore[return-value]
+
+
+def input_files(cfg) -> dict[str, Path]:
+    """Every file the configured dataset's loader reads, by the name the manifest shows.
+
+    The loaders list their files through the same functions (``list_imagefolder``, the text
+    directory's train.csv/test.csv), so what a stage declares is what it reads.
+    """
+    d = cfg.data
+    if d.dataset in ("digits", "synthetic"):  # shipped with scikit-learn / generated: versions cover them
+        return {}
+    from edgecli.data.base import need_path
+
+    root = need_path(d)
+    if d.dataset == "imagefolder":
+        from edgecli.data.images import list_imagefolder
+
+        _, files = list_imagefolder(root, d.class_names)
+        return {f"data:{f.relative_to(root)}": f for f, _ in files}
+    if d.dataset == "textcsv" and root.is_dir():
+        return {f"data:{n}": root / n for n in ("train.csv", "test.csv") if (root / n).is_file()}
+    if ":" in d.dataset or d.dataset not in DATASETS.entries:
+        return {"data:path": root} if root.is_file() else {}
+    return {f"data:{root.name}": root}
 
 
 def load_raw(cfg):
@@ -92,6 +118,13 @@ def load_splits(cfg) -> Splits:
         tr, va, te = split_indices(ds.y, cfg.data.val_split, cfg.data.test_split, cfg.seed)
     if len(tr) == 0:
         raise DataError(f"{ds.source}: no training samples after the split")
+    # checked before any training: an empty split used to crash after the last epoch
+    if len(va) == 0:
+        raise DataError(f"data.val_split: {cfg.data.val_split} leaves no validation samples in {ds.source}; "
+                        "early stopping and the best epoch need them (use e.g. 0.1)")
+    if len(te) == 0:
+        raise DataError(f"data.test_split: {cfg.data.test_split} leaves no test samples in {ds.source}; "
+                        "the reported accuracy and export parity need them (use e.g. 0.1)")
     if ds.kind == "text":
         from edgecli.data.text import fit_text_spec
 
@@ -104,4 +137,5 @@ def load_splits(cfg) -> Splits:
         x = spec.apply(raw)
         return Split(x, ds.y[idx], raw)
 
-    return Splits(make(tr), make(va), make(te), spec, ds.class_names, ds.kind, ds.source)
+    return Splits(make(tr), make(va), make(te), spec, ds.class_names, ds.kind, ds.source,
+                  getattr(ds, "feature_names", None))

@@ -3,53 +3,22 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from edgecli.data.preprocess import load_image_file, resize_images
+from edgecli.data.base import RawDataset, check_labels, class_order, need_file, need_path
+from edgecli.data.images import (
+    IMAGE_SUFFIXES,
+    image_is_colour,
+    list_imagefolder,
+    load_image_file,
+    resize_images,
+)
 from edgecli.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-@dataclass
-class RawDataset:
-    x: np.ndarray  # image: uint8 (N, H, W, C); table: float32 (N, F); text: object (N,)
-    y: np.ndarray  # int64 (N,)
-    class_names: list[str]
-    kind: str  # "image" | "table" | "text"
-    source: str
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-def _need_path(cfg) -> Path:
-    if not cfg.path:
-        raise DataError(f"data.path: dataset '{cfg.dataset}' needs a path")
-    p = Path(cfg.path).expanduser()
-    if not p.exists():
-        raise DataError(f"data.path: {p} does not exist")
-    return p
-
-
-def _need_file(cfg) -> Path:
-    p = _need_path(cfg)
-    # a FIFO or a device (/dev/zero) would block or never end; only regular files are data
-    if not p.is_file():
-        raise DataError(f"data.path: {p} is not a regular file")
-    return p
-
-
-def _check_labels(y: np.ndarray, class_names: list[str], source: str) -> None:
-    counts = np.bincount(y, minlength=len(class_names))
-    empty = [class_names[i] for i, n in enumerate(counts) if n == 0]
-    if empty:
-        raise DataError(f"{source}: class(es) with zero samples: {', '.join(empty[:5])}")
-    if len(class_names) < 2:
-        raise DataError(f"{source}: need at least 2 classes, found {len(class_names)}")
+__all__ = ["IMAGE_SUFFIXES", "RawDataset", "load_csv", "load_digits", "load_imagefolder", "load_npz", "load_synthetic"]
+# kept for callers of the names this module had before data/base.py
+_check_labels, _need_path, _need_file = check_labels, need_path, need_file
 
 
 def load_digits(cfg) -> RawDataset:
@@ -62,44 +31,14 @@ def load_digits(cfg) -> RawDataset:
 
 
 def load_imagefolder(cfg) -> RawDataset:
-    """A directory with one sub-directory of images per class."""
-    root = _need_path(cfg)
-    if not root.is_dir():
-        raise DataError(f"data.path: {root} is not a directory of class folders")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if cfg.class_names:
-        unknown = sorted(set(classes) - set(cfg.class_names))
-        if unknown:
-            raise DataError(f"data.path: folder(s) {', '.join(unknown)} are not in data.class_names")
-        classes = list(cfg.class_names)
-    if not classes:
-        raise DataError(f"data.path: {root} has no class sub-folders")
-    files: list[tuple[Path, int]] = []
-    for i, c in enumerate(classes):
-        d = root / c
-        if d.is_dir():
-            files += [(f, i) for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    odd = [f for f, _ in files if not f.is_file()]
-    if odd:  # a FIFO would block the loader forever; a dangling link would silently shrink a class
-        raise DataError(f"{odd[0]}: not a regular image file (directory, FIFO, device or broken link)")
-    if not files:
-        raise DataError(f"data.path: no images (PNG/JPEG/BMP) under {root}")
+    """A directory with one sub-directory of images per class (nested sub-folders included)."""
+    root = need_path(cfg)
+    classes, files = list_imagefolder(root, cfg.class_names)
     # grayscale dataset unless any image has colour
-    from PIL import Image
-
-    channels = 1
-    for f, _ in files[:200]:
-        try:
-            with Image.open(f) as im:
-                if im.mode not in ("L", "1", "I", "I;16", "P", "LA"):
-                    channels = 3
-                    break
-        except Exception:
-            continue
+    channels = 3 if any(image_is_colour(f) for f, _ in files[:200]) else 1
     imgs, ys = [], []
     for f, label in files:
-        arr = load_image_file(str(f), channels)
-        imgs.append(arr)
+        imgs.append(load_image_file(str(f), channels))
         ys.append(label)
     sizes = {a.shape[:2] for a in imgs}
     if len(sizes) > 1:
@@ -111,13 +50,13 @@ def load_imagefolder(cfg) -> RawDataset:
         imgs = [resize_images(a[None], cfg.preprocess.resize)[0] for a in imgs]
     x = np.stack(imgs)
     y = np.asarray(ys, np.int64)
-    _check_labels(y, classes, str(root))
+    check_labels(y, classes, str(root))
     return RawDataset(x, y, classes, "image", str(root))
 
 
 def load_csv(cfg) -> RawDataset:
-    """Numeric feature columns plus a label column (names or integers)."""
-    path = _need_file(cfg)
+    """Numeric feature columns plus a label column; the feature columns' names go to the card."""
+    path = need_file(cfg)
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -130,6 +69,13 @@ def load_csv(cfg) -> RawDataset:
     header = [h.strip() for h in rows[0]]
     if cfg.label_column not in header:
         raise DataError(f"data.label_column: '{cfg.label_column}' is not a column of {path} (columns: {', '.join(header[:8])})")
+    unnamed = [i + 1 for i, h in enumerate(header) if not h or h.startswith("Unnamed: ")]
+    if unnamed:  # pandas' to_csv writes its index as a nameless first column: never a feature by accident
+        raise DataError(f"{path}: column {unnamed[0]} has no name (a pandas index? write the CSV with index=False); "
+                        "every feature column needs a name")
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        raise DataError(f"{path}: column name {dup[0]!r} appears more than once")
     li = header.index(cfg.label_column)
     feats, labels = [], []
     for n, row in enumerate(rows[1:], start=2):
@@ -143,26 +89,22 @@ def load_csv(cfg) -> RawDataset:
             raise DataError(f"{path}:{n}: feature values must be numbers") from None
         if not np.isfinite(vals).all():
             raise DataError(f"{path}:{n}: NaN or Inf in features")
+        if not row[li].strip():
+            raise DataError(f"{path}:{n}: the label ('{cfg.label_column}') is blank")
         feats.append(vals)
         labels.append(row[li].strip())
-    if cfg.class_names:
-        classes = list(cfg.class_names)
-        bad = sorted(set(labels) - set(classes))
-        if bad:
-            raise DataError(f"{path}: label(s) {', '.join(bad[:5])} are not in data.class_names")
-    else:
-        uniq = sorted(set(labels))
-        classes = sorted(uniq, key=int) if all(u.lstrip("-").isdigit() for u in uniq) else uniq
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.asarray([index[v] for v in labels], np.int64)
+    from edgecli.data.base import label_key
+
+    classes, index = class_order(labels, cfg.class_names, str(path))
+    y = np.asarray([index[label_key(v)] for v in labels], np.int64)
     x = np.asarray(feats, np.float32)
-    _check_labels(y, classes, str(path))
-    return RawDataset(x, y, classes, "table", str(path))
+    check_labels(y, classes, str(path))
+    return RawDataset(x, y, classes, "table", str(path), feature_names=[h for i, h in enumerate(header) if i != li])
 
 
 def load_npz(cfg) -> RawDataset:
     """An .npz with arrays x (uint8 images N,H,W[,C] or float rows N,F) and y (integer labels)."""
-    path = _need_file(cfg)
+    path = need_file(cfg)
     try:
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z or "y" not in z:
@@ -191,11 +133,14 @@ def load_npz(cfg) -> RawDataset:
     else:
         raise DataError(f"{path}: x must be (N,F) rows or (N,H,W[,C]) images, got shape {list(x.shape)}")
     n_cls = cfg.num_classes or (int(y.max()) + 1 if len(y) else 0)
-    classes = list(cfg.class_names) if cfg.class_names else [str(i) for i in range(n_cls)]
+    if isinstance(cfg.class_names, dict):
+        classes, _ = class_order([str(i) for i in range(n_cls)], cfg.class_names, str(path))
+    else:
+        classes = list(cfg.class_names) if cfg.class_names else [str(i) for i in range(n_cls)]
     if y.min() < 0 or y.max() >= len(classes):
         raise DataError(f"{path}: labels must lie in 0..{len(classes) - 1}, found {int(y.min())}..{int(y.max())}")
     y = y.astype(np.int64)
-    _check_labels(y, classes, str(path))
+    check_labels(y, classes, str(path))
     return RawDataset(x, y, classes, kind, str(path))
 
 

@@ -11,7 +11,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from edgecli.data.images import convert_channels, load_image_file, resize_images
 from edgecli.errors import DataError
+
+__all__ = ["PreprocessSpec", "convert_channels", "load_image_file", "resize_images"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -129,7 +132,7 @@ class PreprocessSpec:
     def apply(self, x: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         """Raw batch -> float32 model input batch (text: a dict of int64 input_ids/attention_mask)."""
         if self.kind == "text":
-            from edgecli.data.text import tokenize
+            from edgecli.data.tokens import tokenize
 
             # padded to this batch's longest sentence, never to max_length (16x slower at 7 tokens)
             return tokenize(x, self.extra["tokenizer"], self.extra["max_length"])
@@ -149,60 +152,3 @@ class PreprocessSpec:
                 out = (out - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
             return out
         raise DataError(f"no preprocessing for data kind '{self.kind}'")
-
-
-def resize_images(x: np.ndarray, size: list[int] | tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of uint8 NHWC images with Pillow (what a deployer's image library does)."""
-    from PIL import Image
-
-    h, w = int(size[0]), int(size[1])
-    if x.shape[1] == h and x.shape[2] == w:
-        return x
-    out = np.empty((x.shape[0], h, w, x.shape[3]), dtype=np.uint8)
-    for i, img in enumerate(x):
-        if img.shape[2] == 1:
-            out[i, :, :, 0] = np.asarray(Image.fromarray(img[:, :, 0], "L").resize((w, h), Image.BILINEAR))
-        else:
-            for c in range(img.shape[2]):  # per channel: works for any channel count
-                out[i, :, :, c] = np.asarray(Image.fromarray(img[:, :, c], "L").resize((w, h), Image.BILINEAR))
-    return out
-
-
-def convert_channels(x: np.ndarray, channels: int) -> np.ndarray:
-    c = x.shape[3]
-    if c == channels:
-        return x
-    if c == 1 and channels == 3:
-        return np.repeat(x, 3, axis=3)
-    if c == 3 and channels == 1:  # ITU-R 601 luma, as Pillow's convert("L")
-        y = x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114
-        return np.clip(np.rint(y), 0, 255).astype(np.uint8)[..., None]
-    raise DataError(f"cannot convert {c}-channel images to {channels} channels")
-
-
-def load_image_file(path: str, channels: int) -> np.ndarray:
-    """Read an image file as uint8 (H, W, C) in the dataset's raw mode (grayscale or RGB)."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    from edgecli.safeio import IMAGE_PIXEL_LIMIT, INPUT_LIMIT, read_user_bytes, shown
-
-    name = shown(path)
-    data = read_user_bytes(path, "an image file", INPUT_LIMIT, DataError)  # never blocks, bounded
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > IMAGE_PIXEL_LIMIT or w * h <= 0:  # a decompression bomb: refused before decoding
-                raise DataError(f"{name}: {w}x{h} pixels, over the {IMAGE_PIXEL_LIMIT // 1_000_000} million pixel "
-                                "limit for one image; refused")
-            im.load()
-            mode = "L" if channels == 1 else "RGB"
-            arr = np.asarray(im.convert(mode))
-    except Image.DecompressionBombError:
-        raise DataError(f"{name}: over Pillow's pixel limit (a decompression bomb?); refused") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-        raise DataError(f"{name}: not a readable image ({type(e).__name__})") from None
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return arr

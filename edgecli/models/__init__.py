@@ -4,6 +4,7 @@ and names its last layer ``classifier`` (pruning keeps it whole by default)."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 from edgecli.errors import ConfigError
 from edgecli.registry import Entry, Registry
@@ -40,8 +41,16 @@ def build_model(arch: str, input_shape: list[int], num_classes: int, args: dict 
                     raise ConfigError(f"{key}.args.{k}: '{arch}' takes no argument '{k}'{did_you_mean(k, choices)}")
     except (TypeError, ValueError):
         pass
+    if not isinstance(cls, type):
+        raise ConfigError(f"{key}.arch: '{arch}' is a {type(cls).__name__}, not a class (give 'pkg.mod:Class', "
+                          "a torch.nn.Module subclass)")
     try:
-        return cls(input_shape=list(input_shape), num_classes=int(num_classes), **args)
+        model = cls(input_shape=list(input_shape), num_classes=int(num_classes), **args)
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"{key}.arch: '{arch}' is not a torch.nn.Module subclass")
+        return model
     except ConfigError:
         raise
     except (TypeError, ValueError, OverflowError) as e:
@@ -52,6 +61,32 @@ def build_model(arch: str, input_shape: list[int], num_classes: int, args: dict 
             raise
         tail = first.split("DefaultCPUAllocator: ")[-1][:160]
         raise ConfigError(f"{key}.args: '{arch}' is too large to build on this machine ({tail})") from None
+
+
+def arch_sources(arch: str) -> list[Path]:
+    """The source files of a custom ``pkg.mod:Class`` architecture (the module and its packages' __init__).
+
+    Found with ``importlib.util.find_spec``: the module itself is not executed here. A registry name
+    returns [] (its code is edgecli's, covered by the version in every fingerprint).
+    """
+    import importlib.util
+
+    if ":" not in arch:
+        return []
+    mod = arch.partition(":")[0]
+    out: list[Path] = []
+    parts = mod.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError, AttributeError) as e:
+            raise ConfigError(f"model.arch: cannot import '{name}' ({e})") from None
+        if spec is None:
+            raise ConfigError(f"model.arch: cannot import '{mod}' (no module named '{name}')")
+        if spec.origin and spec.origin not in ("built-in", "frozen") and Path(spec.origin).is_file():
+            out.append(Path(spec.origin))
+    return out
 
 
 def trusted_archs(cfg) -> tuple[str, ...]:
@@ -109,6 +144,18 @@ def build_from_info(info: dict, key: str = "model"):
     if info.get("norm_fix") == "batchnorm->groupnorm":
         replace_batchnorm(model, info.get("norm_groups"))
     return model
+
+
+def load_weights_into(model, state: dict, arch: str, where: str) -> None:
+    """``model.load_state_dict(state)``, with weights that no longer fit the (changed) model code as one
+    ConfigError naming the class and the first mismatch, never a torch traceback."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
+        raise ConfigError(f"model.arch: the weights in {where} no longer fit '{arch}' (was its code changed?): "
+                          f"{detail[:200]}", hint="rerun `edgecli train -c <config>`") from None
 
 
 def replace_batchnorm(model, groups: int | None = None):

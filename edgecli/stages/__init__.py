@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgecli.artifacts import ArtifactStore, StageWriter
+from edgecli.artifacts import ArtifactStore, Declared, StageWriter
 from edgecli.errors import ArtifactError
 
 
@@ -61,7 +61,7 @@ def skipped_result(store: ArtifactStore, stage: str) -> StageResult:
     )
 
 
-def run_stage(store: ArtifactStore, stage: str, fingerprint: str | Callable[[], str], force: bool,
+def run_stage(store: ArtifactStore, stage: str, fingerprint: str | Declared | Callable[[], str | Declared], force: bool,
               build: Callable[[StageWriter], tuple[dict, dict, dict]], *, command: str = "") -> StageResult:
     """Lock the run, skip when up to date, build into a temp dir, publish atomically.
 
@@ -69,28 +69,71 @@ def run_stage(store: ArtifactStore, stage: str, fingerprint: str | Callable[[], 
     manifest fields). Any exception (or Ctrl-C) discards the temp dir: nothing half-written is published.
     ``fingerprint`` may be a function: it is then called with the lock held, so a stage that resolves
     its input there cannot read an upstream stage another process is publishing at that moment.
+    When it is (or returns) a ``Declared`` record, the fingerprint is the hash of the inputs it
+    declares (each file's sha256, through the run's hash cache) and the manifest lists the same.
     """
     with store.lock(command or f"edgecli {stage}"):
         if callable(fingerprint):
             fingerprint = fingerprint()
+        declared: tuple[dict, dict] = ({}, {})
+        decl = fingerprint if isinstance(fingerprint, Declared) else None
+        if decl is not None:
+            declared = decl.digests(store)
+            fingerprint = decl.fingerprint(*declared)
         if not force and store.up_to_date(stage, fingerprint):
             res = skipped_result(store, stage)
+            if decl is not None:
+                decl.save_cache()
             if getattr(store, "stale_lock_message", ""):
                 res.messages.append(store.stale_lock_message)
             return res
         t0 = time.time()
         w = store.begin(stage)
+        w.fingerprint = fingerprint
+        w.inputs.update(declared[0])
+        w.upstream.update(declared[1])
         try:
             config, metrics, extra = build(w)
             final = store.publish(w, config=config, fingerprint=fingerprint, metrics=metrics, extra=extra)
         except BaseException:
             store.discard(w)
             raise
+        if decl is not None:
+            decl.save_cache()
         outputs = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
         res = StageResult(stage, "done", final, time.time() - t0, metrics=metrics, outputs=outputs)
         if getattr(store, "stale_lock_message", ""):
             res.messages.append(store.stale_lock_message)
         return res
+
+
+def declare_data(decl: Declared, cfg) -> None:
+    """Declare every file of the pipeline's dataset; a dataset that cannot be listed is declared as such.
+
+    compress and export fall back to other inputs when the pipeline's data does not fit (or is not
+    there); the reason is part of the record, so the stage reruns once the data appears.
+    """
+    from edgecli.data import input_files
+    from edgecli.errors import EdgeError
+
+    try:
+        files = input_files(cfg)
+    except EdgeError as e:
+        decl.values["data"] = "unavailable: " + e.message
+        return
+    for name, p in files.items():
+        decl.file(name, p)
+
+
+def declare_model(decl: Declared, stage: str | None, path: Path) -> None:
+    """The stage's input model: the upstream stage's manifest, or the ONNX file and its external data."""
+    if stage:
+        decl.stage_input(stage)
+        return
+    from edgecli.onnxio import model_files
+
+    for p in model_files(path):
+        decl.file(f"file:{p.name}", p)
 
 
 def resolve_input(store: ArtifactStore, ref: str | None, default_order: tuple[str, ...], key: str) -> tuple[str | None, Path]:

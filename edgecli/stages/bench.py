@@ -28,8 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecli import __version__
-from edgecli.artifacts import ArtifactStore, StageWriter, sha256_file, sha256_json, write_json_atomic
+from edgecli.artifacts import (
+    ArtifactStore,
+    Declared,
+    StageWriter,
+    write_json_atomic,
+)
 from edgecli.config import PipelineConfig, did_you_mean
 from edgecli.errors import ArtifactError, CheckFailed, ConfigError, ModelFileError, UsageError
 from edgecli.runtimes.env import environment
@@ -606,10 +610,17 @@ def plot_pareto(points: list[dict], path: Path, title: str) -> None:
 # --------------------------------------------------------------------------- the stage
 
 
-def fingerprint(cfg: PipelineConfig, targets: list[Target]) -> str:
+def declare(cfg: PipelineConfig, targets: list[Target]) -> Declared:
     """Recorded for lineage only: bench never skips (see the module docstring)."""
-    return sha256_json({"stage": STAGE, "version": __version__, "bench": cfg.section("bench"),
-                        "models": {t.label: sha256_file(t.path) for t in targets}})
+    from edgecli.stages import declare_data
+
+    d = Declared(STAGE, {"bench": cfg.section("bench"), "data": cfg.section("data")})
+    for t in targets:
+        if t.stage and t.kind == "onnx":
+            d.stage_input(t.stage)
+        d.file(t.label if t.kind == "onnx" else f"{TORCH_LABEL}:weights", t.path)
+    declare_data(d, cfg)
+    return d
 
 
 def _reference_accuracy(store: ArtifactStore, measurements: list[dict]) -> float | None:
@@ -650,14 +661,10 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
         avail = ", ".join(available_providers())
         for s in skipped_info:
             notes.append(f"provider {s['provider']} skipped: {s['reason']} (available: {avail})")
-    fp = fingerprint(cfg, targets)
+    fp = declare(cfg, targets)
     state: dict = {}
 
     def build(w: StageWriter):
-        for t in targets:
-            if t.stage and t.kind == "onnx":
-                w.add_upstream(t.stage)
-            w.add_input(t.label if t.kind == "onnx" else f"{TORCH_LABEL}:weights", t.path)
         env = environment()
         rows, measurements, mnotes = measure(cfg, targets, providers, quiet)
         if not rows:

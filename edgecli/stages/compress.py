@@ -14,14 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecli import __version__
-from edgecli.artifacts import (
-    ArtifactStore,
-    StageWriter,
-    sha256_file,
-    sha256_json,
-    upstream_fingerprint,
-    write_json_atomic,
-)
+from edgecli.artifacts import ArtifactStore, Declared, StageWriter, write_json_atomic
 from edgecli.config import PipelineConfig
 from edgecli.errors import ArtifactError, ConfigError, DataError
 from edgecli.safeio import temp_dir as _temp_dir
@@ -75,28 +68,50 @@ def _input_ref(cfg: PipelineConfig, store: ArtifactStore) -> tuple[str | None, P
 
 
 def _external_files(path: Path) -> list[Path]:
-    """An ONNX file and the external-data files it names (for hashing the input)."""
-    from edgecli.onnxio import _external_tensors, load_onnx
+    from edgecli.onnxio import model_files
 
-    m = load_onnx(path, load_external=False)
-    locs = sorted({dict((e.key, e.value) for e in t.external_data).get("location", "") for t in _external_tensors(m)})
-    return [path] + [path.parent / loc for loc in locs if loc]
+    return model_files(path)
 
 
-def fingerprint(cfg: PipelineConfig, store: ArtifactStore, stage: str | None, path: Path) -> str:
-    files = {}
-    if stage is None:
-        files = {p.name: sha256_file(p) for p in _external_files(path)}
-    calib = sorted({s.quantize.calibration.data for s in cfg.compress.steps
-                    if s.kind == "quantize" and s.quantize.calibration.data})
-    for c in calib:
-        p = Path(c).expanduser()
-        files[f"calibration:{c}"] = sha256_file(p) if p.is_file() else "missing"
-    return sha256_json({
-        "stage": STAGE, "version": __version__, "seed": cfg.seed, "data": cfg.section("data"),
-        "model": cfg.section("model"), "compress": cfg.section("compress"),
-        "upstream": upstream_fingerprint(store, stage) if stage else None, "files": files,
-    })
+def _teachers(cfg: PipelineConfig) -> list[str]:
+    out = []
+    for st in cfg.compress.steps:
+        d = st.options if st.kind == "distill" else getattr(st.options, "distill", None)
+        if d is not None and getattr(d, "teacher", "train") != "train":
+            out.append(d.teacher)
+    return out
+
+
+def declare(cfg: PipelineConfig, stage: str | None, path: Path) -> Declared:
+    """What compress reads: the input model, the pipeline's data (scoring, calibration, fine-tuning),
+    calibration files, distill teachers and the source of custom student classes."""
+    from edgecli.models import arch_sources, trusted_archs
+    from edgecli.stages import declare_data, declare_model
+
+    d = Declared(STAGE, {"seed": cfg.seed, "data": cfg.section("data"), "model": cfg.section("model"),
+                         "compress": cfg.section("compress")})
+    declare_model(d, stage, path)
+    declare_data(d, cfg)
+    for s in cfg.compress.steps:
+        if s.kind == "quantize" and s.quantize.calibration.data:
+            c = s.quantize.calibration.data
+            p = Path(c).expanduser()
+            if p.is_file():
+                d.file(f"calibration:{c}", p)
+            else:
+                d.values[f"calibration:{c}"] = "missing"
+    for t in _teachers(cfg):
+        p = Path(t).expanduser()
+        for cand in (p, p / "weights.safetensors", p / "train" / "weights.safetensors"):
+            if cand.is_file():
+                d.file(f"teacher:{t}", cand)
+                break
+        else:
+            d.values[f"teacher:{t}"] = "missing"
+    for arch in trusted_archs(cfg)[1:]:
+        for p in arch_sources(arch):
+            d.file(f"student.arch:{p.name}", p)
+    return d
 
 
 # --------------------------------------------------------------------------- evaluation data
@@ -111,6 +126,7 @@ class _Data:
         self.metric = "accuracy"
         self.splits = None
         self.fit_note = ""
+        self.kind_note = ""
         self.embedding = False
 
 
@@ -120,8 +136,15 @@ def _subset(n: int, k: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
 
 
-def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None, embedding: bool = False) -> _Data:
-    """Validation split when the pipeline's data fits the model input, else the user's inputs (fidelity)."""
+def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None, model_path: Path,
+               info: dict | None) -> _Data:
+    """Validation split when the pipeline's data fits the model input, else the user's inputs (fidelity).
+
+    The metric follows from the model's output (``output_kind``): class scores are scored by accuracy
+    (or top-1 agreement without labels), embeddings and regressors by the worst per-sample cosine.
+    """
+    from edgecli.compression.quantize import output_kind
+    from edgecli.onnxio import load_onnx
     from edgecli.runtimes.feeds import fit_problem, n_samples, take
 
     d = _Data()
@@ -144,15 +167,19 @@ def _eval_data(cfg: PipelineConfig, inputs, calib_file_feeds: dict | None, embed
             d.splits = splits
     except DataError as e:
         problem = e.message
+    kind, why = output_kind(load_onnx(model_path, load_external=False), info,
+                            d.splits.num_classes if d.splits is not None else None)
+    d.kind_note = f"metric {'cosine_min' if kind == 'embedding' else 'accuracy/top-1'} chosen from the output: {why}"
+    d.embedding = kind == "embedding"
     if d.splits is not None:
         idx = _subset(len(d.splits.val), cfg.compress.eval_samples, cfg.seed)
         d.eval_feeds = _feeds(d.splits.val.x, inputs, idx)
         d.labels = d.splits.val.y[idx]
-        if embedding:  # sentences without class scores: fidelity of the embeddings to the FP32 model
-            d.labels, d.metric, d.embedding = None, "cosine_min", True
+        if d.embedding:  # not class scores: fidelity of the outputs to the FP32 model, per sample
+            d.labels, d.metric = None, "cosine_min"
         return d
     d.fit_note = f"the pipeline's data does not fit the model input ({problem}); scoring fidelity to the input model"
-    d.metric = "fidelity"
+    d.metric = "cosine_min" if d.embedding else "fidelity"
     if calib_file_feeds is None:
         raise DataError(
             f"compress: {d.fit_note.split(';')[0]}, and no calibration.data file gives model inputs to score on",
@@ -221,7 +248,7 @@ def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> t
     """Run prune/distill/sparsity in order; return (onnx path, step records, final model, notes)."""
     from edgecli.compression import TorchContext
     from edgecli.compression.quantize import time_p50
-    from edgecli.models import build_from_info, trusted_archs, trusted_info
+    from edgecli.models import build_from_info, load_weights_into, trusted_archs, trusted_info
     from edgecli.training import load_weights_file
 
     man = store.manifest("train")
@@ -230,7 +257,8 @@ def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> t
         raise ArtifactError("train manifest has no model_info; rerun `edgecli train -c <config> --force`")
     info = trusted_info(info, trusted_archs(cfg), str(store.stage_dir("train") / "manifest.json"))
     model = build_from_info(info)
-    model.load_state_dict(load_weights_file(store.require("train", "weights.safetensors")))
+    wpath = store.require("train", "weights.safetensors")
+    load_weights_into(model, load_weights_file(wpath), info["arch"], str(wpath))
     model.eval()
     splits = data.splits
     before = _measure_torch(model, info, cfg, splits, work, "step-input", data)
@@ -278,7 +306,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
 
     def fp():  # called with the run lock held: the input cannot change under us
         state["input"] = _input_ref(cfg, store)
-        return fingerprint(cfg, store, *state["input"])
+        return declare(cfg, *state["input"])
 
     def build(w: StageWriter):
         stage, src_path = state["input"]
@@ -323,11 +351,13 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
                                          f"compress.steps.{i}.quantize.calibration.data")
             break
     src_info = man.get("model_info") if man else parse_model_info(meta.get("edgecli.model_info"), str(src_path))
-    data = _eval_data(cfg, inputs, file_feeds, embedding=(src_info or {}).get("output_names") == ["embedding"])
-    notes = [data.fit_note] if data.fit_note else []
+    data = _eval_data(cfg, inputs, file_feeds, src, src_info)
+    notes = [n for n in (data.fit_note, data.kind_note) if n]
     records: list[dict] = []
     torch_model = None
     cur = src
+    points = [("input", src)]  # what the final latency check may fall back to
+    meta_input = dict(meta)
     if any(s.kind in TORCH_STEPS for s in steps):
         if data.splits is None:
             raise DataError("compress: PyTorch steps need the pipeline's dataset, which does not fit the model")
@@ -335,6 +365,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
         records += trec
         notes += tnotes
         cur = tdir / "model.onnx"
+        points.append(("after torch steps", cur))
         meta.update(get_metadata(cur))
     # outputs of the FP32 model that quantization starts from: top-1 agreement and cosine for every
     # candidate, and the score itself when no labels fit
@@ -357,7 +388,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
         log(f"step {i}: quantize (mode {opts.mode}, objective {cfg.compress.objective})")
         job = QuantizeJob(cur, sw, opts, scorer=scorer, calib=calib, calib_problem=problem, feed1=feed1,
                           threads=cfg.compress.threads, max_drop=cfg.compress.max_accuracy_drop,
-                          objective=cfg.compress.objective, key=key, log=log)
+                          objective=cfg.compress.objective, key=key, log=log, min_cosine=cfg.compress.min_cosine)
         out = job.run()
         outcomes.append(out)
         base, ch = out.input, out.chosen
@@ -377,6 +408,21 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
             cur = ch.path
         elif out.best_rejected is not None:
             state["best_rejected"] = (i, out.best_rejected)
+    forced = any(steps[i].quantize.force for i in q_idx)
+    confirmation = None
+    if cfg.compress.objective == "latency" and cfg.compress.confirm_repeats and cur != src and not forced:
+        from edgecli.compression.confirm import confirm_choice
+        from edgecli.compression.quantize import MIN_SPEEDUP
+
+        log(f"confirming the choice with bench's protocol ({cfg.compress.confirm_repeats} fresh processes per model)")
+        confirmation = confirm_choice(points + [("compress choice", cur)], feed1, cfg.compress.threads,
+                                      repeats=cfg.compress.confirm_repeats, min_speedup=MIN_SPEEDUP, tmp=work)
+        pick = (points + [("compress choice", cur)])[confirmation["chosen_index"]][1]
+        if pick != cur:
+            notes.append(f"latency check ({confirmation['protocol']}): {confirmation['reason']}")
+            cur = pick
+            if cur == src:
+                torch_model, meta = None, meta_input
     # publish: the model, its metadata, weights of the torch model, the report
     shutil.copyfile(cur, w.path("model.onnx"))
     if "edgecli.model_info" not in meta and data.splits is not None:
@@ -413,16 +459,25 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
     # torch steps report theirs in details (e.g. prune back-off that never held the drop)
     q_fails = [r.get("failed_constraint") or (r.get("details") or {}).get("failed_constraint") for r in records]
     q_fails = [f for f in q_fails if f]
+    fin = records[-1]["after"] if records else {}
+    if confirmation is not None and confirmation["chosen_index"] == 0:
+        fin = first
     report = {
         "input": {"ref": cfg.compress.input, "bytes": input_bytes, "score": first.get("score"),
                   "p50_ms": first.get("p50_ms"), "inputs": [s.describe() for s in inputs]},
         "metric": data.metric, "objective": cfg.compress.objective,
         "max_accuracy_drop": cfg.compress.max_accuracy_drop, "threads": cfg.compress.threads,
+        "guard": ({"min_cosine": cfg.compress.min_cosine} if data.embedding
+                  else {"max_accuracy_drop": cfg.compress.max_accuracy_drop}),
+        "metric_reason": data.kind_note,
         "eval_samples": int(n_samples(data.eval_feeds)), "steps": records,
         "final": {"bytes": final_bytes, "size_ratio": round(final_bytes / input_bytes, 5),
-                  "score": records[-1]["after"]["score"], "p50_ms": records[-1]["after"]["p50_ms"]},
+                  "score": fin.get("score"), "p50_ms": fin.get("p50_ms")},
         "failed_constraint": q_fails[-1] if q_fails else None,
-        "verdict": "; ".join(r["verdict"] for r in records if "verdict" in r) or "torch steps only",
+        "latency_confirmation": confirmation,
+        "verdict": "; ".join([r["verdict"] for r in records if "verdict" in r]
+                             + ([confirmation["reason"]] if confirmation and confirmation["chosen_index"] != len(points)
+                                else [])) or "torch steps only",
         "notes": notes,
     }
     write_json_atomic(w.path("report.json"), report)
@@ -491,6 +546,13 @@ def _result(res: StageResult, state: dict, store: ArtifactStore) -> StageResult:
                      b.get("bytes"), a.get("bytes"), b.get("score"), a.get("score"), b.get("p50_ms"), a.get("p50_ms")])
     res.tables.append(Table(f"compress steps ({res.status}; {metric}; p50 at batch 1, {report['threads']} thread(s))",
                             ["step", "params", "->", "MACs", "->", "bytes", "->", metric, "->", "p50 ms", "->"], rows))
+    prows = [[r["index"], (r.get("details") or {}).get("ratio_requested"), (r.get("details") or {}).get("ratio_achieved"),
+              (r.get("details") or {}).get("round_to"), r["before"].get("p50_ms"), r["after"].get("p50_ms"),
+              _r(r["after"]["p50_ms"] / r["before"]["p50_ms"], 3) if r["before"].get("p50_ms") else None]
+             for r in report["steps"] if r["kind"] == "prune"]
+    if prows:
+        res.tables.append(Table("prune: ratio reached and latency (p50 at batch 1)",
+                                ["step", "ratio asked", "reached", "round_to", "p50 ms before", "after", "x before"], prows))
     for r in report["steps"]:
         if r["kind"] != "quantize":
             continue

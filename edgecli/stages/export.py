@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecli import __version__
-from edgecli.artifacts import ArtifactStore, StageWriter, sha256_file, sha256_json, upstream_fingerprint
+from edgecli.artifacts import ArtifactStore, Declared, StageWriter, sha256_file
 from edgecli.config import PipelineConfig
 from edgecli.errors import CheckFailed, ConfigError, ModelFileError
 from edgecli.safeio import temp_dir as _temp_dir
@@ -54,16 +54,16 @@ def _input_ref(cfg: PipelineConfig, store: ArtifactStore) -> tuple[str | None, P
     return resolve_input(store, ref, ("compress", "train"), "export.input")
 
 
-def fingerprint(cfg: PipelineConfig, store: ArtifactStore, stage: str | None, path: Path) -> str:
-    """Export section + the upstream manifest hash (or the input file hashes) + what parity reads."""
-    from edgecli.onnxio import model_files
+def declare(cfg: PipelineConfig, stage: str | None, path: Path) -> Declared:
+    """The export section, the input (upstream manifest, or the file and its external data), and the
+    data parity reads."""
+    from edgecli.stages import declare_data, declare_model
 
-    files = {} if stage else {p.name: sha256_file(p) for p in model_files(path)}
-    return sha256_json({
-        "stage": STAGE, "version": __version__, "seed": cfg.seed, "export": cfg.section("export"),
-        "data": cfg.section("data"), "input_stage": stage,
-        "upstream": upstream_fingerprint(store, stage) if stage else None, "files": files,
-    })
+    d = Declared(STAGE, {"seed": cfg.seed, "export": cfg.section("export"), "data": cfg.section("data"),
+                         "input_stage": stage})
+    declare_model(d, stage, path)
+    declare_data(d, cfg)
+    return d
 
 
 def _run(path: Path, feeds: dict, batch: int = 256, level: str = "disable") -> np.ndarray:
@@ -85,7 +85,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
 
     def fp():  # called with the run lock held: compress cannot be mid-publish while we pick our input
         state["input"] = _input_ref(cfg, store)
-        return fingerprint(cfg, store, *state["input"])
+        return declare(cfg, *state["input"])
 
     def build(w: StageWriter):
         stage, src = state["input"]
@@ -302,6 +302,8 @@ def _card(m, cfg, stage, src: Path, info: dict | None, lineage: dict, level, par
         "num_classes": (info or {}).get("num_classes"),
         "class_names": (info or {}).get("class_names"),
         "preprocess": (info or {}).get("preprocess"),
+        **({"feature_names": info["feature_names"], "label_column": info.get("label_column")}
+           if (info or {}).get("feature_names") else {}),
         "source": {"input": cfg.export.input or stage, "stage": stage, "path": str(src)},
         "lineage": lineage,
         "opset": opset_of(m),

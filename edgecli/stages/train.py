@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from edgecli import __version__
-from edgecli.artifacts import ArtifactStore, StageWriter, sha256_file, sha256_json, write_json_atomic
+from edgecli.artifacts import ArtifactStore, Declared, StageWriter, write_json_atomic
 from edgecli.config import PipelineConfig, dump_config
 from edgecli.errors import CheckFailed, ConfigError, EdgeError
 from edgecli.stages import StageResult, Table, run_stage, skipped_result
@@ -16,15 +16,20 @@ from edgecli.stages import StageResult, Table, run_stage, skipped_result
 STAGE = "train"
 
 
-def fingerprint(cfg: PipelineConfig) -> str:
-    init = None
+def declare(cfg: PipelineConfig) -> Declared:
+    """What train reads: its config sections, every data file, the custom model's source, init_from."""
+    from edgecli.data import input_files
+    from edgecli.models import arch_sources
+
+    d = Declared(STAGE, {"seed": cfg.seed, "data": cfg.section("data"), "model": cfg.section("model"),
+                         "train": cfg.section("train")})
+    for name, p in input_files(cfg).items():
+        d.file(name, p)
+    for p in arch_sources(cfg.model.arch):
+        d.file(f"model.arch:{p.name}", p)
     if cfg.train.init_from:
-        p = resolve_init_from(cfg.train.init_from)
-        init = sha256_file(p)
-    return sha256_json({
-        "stage": STAGE, "version": __version__, "seed": cfg.seed, "data": cfg.section("data"),
-        "model": cfg.section("model"), "train": cfg.section("train"), "init_from": init,
-    })
+        d.file("train.init_from", resolve_init_from(cfg.train.init_from))
+    return d
 
 
 def resolve_init_from(ref: str) -> Path:
@@ -49,6 +54,9 @@ def model_info(cfg: PipelineConfig, splits, num_classes: int, model) -> dict:
         "input_names": input_names,
         "output_names": output_names,
         "preprocess": splits.spec.to_dict(),
+        # a CSV's feature columns by name: infer matches a CSV with a header by these, not by position
+        **({"feature_names": list(splits.feature_names), "label_column": cfg.data.label_column}
+           if getattr(splits, "feature_names", None) else {}),
         **_norm_fix(model),
     }
 
@@ -72,6 +80,9 @@ def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: boo
     if num_classes < splits.num_classes:
         raise ConfigError(f"model.num_classes: {num_classes} is fewer than the dataset's {splits.num_classes} classes")
     model = build_model(cfg.model.arch, splits.spec.input_shape, num_classes, cfg.model.args)
+    from edgecli.validate import check_forward
+
+    check_forward(model, cfg.model.arch, splits, num_classes)  # model-code mistakes: one line, exit 2
     notes = []
     if cfg.train.init_from:
         wpath = resolve_init_from(cfg.train.init_from)
@@ -192,7 +203,6 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
         return _run_distributed(cfg, store, force=force, resume=resume, quiet=quiet)
     from edgecli.data import load_splits
 
-    fp = fingerprint(cfg)
     state: dict = {}
 
     def build(w: StageWriter):
@@ -209,14 +219,14 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
         if cfg.train.federated is not None:
             model, fitres, notes = train_federated(cfg, splits, quiet=quiet, resume=resume, grid=grid)
         else:
-            model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt, fp=fp,
-                                                       device=device)
+            model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt,
+                                                       fp=w.fingerprint, device=device)
         if fitres.resumed_from_epoch:
             notes.append(f"resumed from the checkpoint of epoch {fitres.resumed_from_epoch}")
         state.setdefault("notes", []).extend(notes)
         return _publishable(w, cfg, splits, model, fitres, state)
 
-    res = run_stage(store, STAGE, fp, force, build, command="edgecli train")
+    res = run_stage(store, STAGE, lambda: declare(cfg), force, build, command="edgecli train")
     if res.status == "done":
         with contextlib.suppress(OSError):
             (store.checkpoint_dir(STAGE) / "last.pt").unlink()
@@ -298,7 +308,6 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
     except tdist.DistError as e:
         raise EdgeError(f"rank {d.rank}: cannot join the torchrun group ({_first_line(e)})",
                         hint="check --rdzv_endpoint / MASTER_ADDR:MASTER_PORT is reachable from every node") from None
-    fp = fingerprint(cfg)
     lock_cm = store.lock("torchrun edgecli train") if d.is_main else contextlib.nullcontext()
     state: dict = {}
     if cfg.train.amp != "none" and device.type != "cuda":
@@ -306,14 +315,20 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
     locked = False
     try:
         decision, err = "go", None
+        fp, digests = "", ({}, {})
         try:
             lock_cm.__enter__()
             locked = True
-            if d.is_main and not force and store.up_to_date(STAGE, fp):
-                decision = "skip"
+            if d.is_main:
+                decl = declare(cfg)
+                digests = decl.digests(store)
+                fp = decl.fingerprint(*digests)
+                if not force and store.up_to_date(STAGE, fp):
+                    decision = "skip"
         except EdgeError as e:
             decision, err = f"error: {e.message}", e
         decision = broadcast_object(decision)  # every rank leaves together, or none does
+        fp = broadcast_object(fp if d.is_main else "")  # the checkpoint of every rank carries rank 0's
         if decision.startswith("error"):
             if err is not None:
                 raise err
@@ -339,6 +354,8 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
             barrier()
             return StageResult(STAGE, "done", None)
         w = store.begin(STAGE)
+        w.fingerprint = fp
+        w.inputs.update(digests[0])
         try:
             config, metrics, extra = _publishable(w, cfg, splits, model, fitres, state)
             extra["world_size"] = d.world
@@ -346,6 +363,7 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
         except BaseException:
             store.discard(w)
             raise
+        decl.save_cache()
         with contextlib.suppress(OSError):
             ckpt.unlink()
         barrier()  # released: the other ranks may exit now
