@@ -464,12 +464,14 @@ def bind(host: str, port: int):
     return sock
 
 
-def run(app: App, sock, *, on_listening=None, graceful_s: float = 30.0) -> int | None:
-    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT; return the signal that stopped it (None: none).
+def make_server(app: App, *, on_listening=None, graceful_s: float = 30.0):
+    """A uvicorn server for ``app`` (uvloop and httptools when installed) that records the stopping signal.
 
-    On the signal uvicorn stops accepting connections, closes idle ones, lets every request in flight
-    finish (the batcher keeps running until then), and only then stops the batcher. A second SIGINT
-    forces the exit. ``on_listening()`` is called once the app has started (model warmed up).
+    On SIGTERM or SIGINT uvicorn stops accepting connections, closes idle ones, lets every request in
+    flight finish (the batcher keeps running until then), and only then stops the batcher; a second
+    SIGINT forces the exit. uvicorn's own handler re-raises the signal at the end, which would kill the
+    process before it reports; this one keeps it in ``stopped_by`` for an exit code instead.
+    ``on_listening()`` is called once the app has started (model warmed up).
     """
     import importlib.util
     import signal
@@ -481,8 +483,8 @@ def run(app: App, sock, *, on_listening=None, graceful_s: float = 30.0) -> int |
         stopped_by: int | None = None
 
         @contextlib.contextmanager
-        def capture_signals(self):  # uvicorn's re-raises the signal at the end: we exit with a code instead
-            if threading.current_thread() is not threading.main_thread():
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():  # a server in a thread (tests)
                 yield
                 return
             old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -507,6 +509,11 @@ def run(app: App, sock, *, on_listening=None, graceful_s: float = 30.0) -> int |
         app, loop="uvloop" if have("uvloop") else "asyncio", http="httptools" if have("httptools") else "h11",
         lifespan="on", access_log=False, log_level="warning", server_header=False, date_header=False,
         timeout_graceful_shutdown=graceful_s, ws="none")
-    server = _Server(config)
+    return _Server(config)
+
+
+def run(app: App, sock, *, on_listening=None) -> int | None:
+    """Serve ``app`` on ``sock`` until SIGTERM or SIGINT; return the signal that stopped it (None: none)."""
+    server = make_server(app, on_listening=on_listening)
     server.run(sockets=[sock])
     return server.stopped_by
