@@ -116,7 +116,7 @@ class Reader:
         if unknown:
             listed = ", ".join(f'"{shown(k)[:40]}"' for k in unknown[:5])
             s = Sample(name, error=f"{name}: unknown field(s) {listed} in the request; expected "
-                                   f"{' or '.join(repr(f) for f in self.fields)} (or 'path'), and an optional 'id'")
+                                   f"{' or '.join(chr(34) + f + chr(34) for f in self.fields)} (or \"path\"), and an optional \"id\"")
         elif "path" in obj:
             if not allow_path:
                 s = Sample(name, error=f"{name}: \"path\" is refused here (serve.allow_path is off); send the "

@@ -222,7 +222,7 @@ def start_server(args: list[str], *, env: dict | None = None, timeout_s: float =
 
     from edgecli.errors import CheckFailed
 
-    proc = subprocess.Popen([sys.executable, "-m", "edgecli", "serve", *args, "--port", "0", "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "edgecli", "serve", *args, "--port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
     found: dict = {}

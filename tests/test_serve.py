@@ -345,3 +345,26 @@ def test_sigint_exits_130(pipe):
     assert s.wait(60) == 130
     err = s.stderr()
     assert "stopped by SIGINT; answered 1 of 1" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- bench's server scenario
+
+
+def test_bench_serve_scenario_drives_the_server_and_stops_it(pipe, monkeypatch):
+    from edgecli.artifacts import ArtifactStore
+    from edgecli.config import load_config
+    from edgecli.stages import bench
+
+    monkeypatch.setenv("EDGECLI_TEST_KEY", KEY)
+    monkeypatch.chdir(pipe.dir)
+    cfg = load_config(pipe.config, ["bench.models=[export]", "bench.torch_baseline=false",
+                                    "bench.serve={qps: [100, 300], seconds: 1}"])
+    res = bench.run(cfg, ArtifactStore.for_config(cfg), quiet=True)
+    sv = json.loads((pipe.run_dir / "bench" / "results.json").read_text())["serve"]
+    assert [r["offered_qps"] for r in sv["rows"]] == [100, 300]
+    for r in sv["rows"]:
+        assert r["errors"] == 0 and r["ok"] == r["sent"] > 0.5 * r["offered_qps"]
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["achieved_qps"] > 0
+    assert sv["server_exit_code"] == 143 and sv["model_sha256"]
+    assert f"answered {sum(r['ok'] for r in sv['rows'])} of" in sv["server_summary"]
+    assert any(t.title.startswith("bench.serve") for t in res.tables)
