@@ -35,6 +35,7 @@ STAGE_MODULES = {
     "export": "edgecli.stages.export",
     "bench": "edgecli.stages.bench",
     "infer": "edgecli.stages.infer",
+    "serve": "edgecli.stages.serve",
 }
 
 # Options shared by every stage command, defined once.
@@ -245,6 +246,24 @@ def infer(
     # json_out=False for the summary: with --json each result is already its own JSON line
     _invoke("infer", config, set_, json_out=False, quiet=quiet, verbose=verbose, dry_run=dry_run,
             inputs=inputs, json_out_stream=json_out, top_k_override=top_k)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    host: Annotated[str, typer.Option("--host", help="address to listen on; anything but loopback is reachable "
+                                                     "from other hosts")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port (0: a free one, printed)")] = 8080,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    dry_run: DryRunOpt = False,
+):
+    """Serve the model over HTTP: POST /v1/predict (micro-batched), /healthz, /readyz, /v1/model, /metrics.
+
+    Loads the model once; SIGTERM drains the requests in flight and exits 143, Ctrl-C exits 130.
+    """
+    _invoke("serve", config, set_, quiet=quiet, verbose=verbose, dry_run=dry_run, host=host, port=port)
 
 
 @app.command()

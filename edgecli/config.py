@@ -320,6 +320,7 @@ class BenchConfig(_Strict):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     accuracy_samples: int | None = Field(None, ge=1)
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)
+    serve: ServeBenchConfig | None = Field(None, description="the server scenario; unset: not run")
 
 
 class InferConfig(_Strict):
@@ -327,6 +328,29 @@ class InferConfig(_Strict):
     top_k: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=1, le=1 << 20)
     threads: int = Field(1, ge=1, le=1024)
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+class ServeBenchConfig(_Strict):
+    """bench's server scenario: Poisson arrivals at each offered rate against `edgecli serve` on loopback."""
+
+    qps: list[Annotated[float, Field(gt=0, le=1_000_000)]] = Field(min_length=1, description="offered loads, req/s")
+    seconds: float = Field(5.0, gt=0, le=3600, description="how long each offered load runs")
+    max_in_flight: int = Field(256, ge=1, le=65536, description="the load generator's bound on open requests")
+
+
+class ServeConfig(_Strict):
+    input: str = Field("export", description="stage name or model file (.onnx, .ort, or any runtime's file)")
+    runtime: str | None = Field(None, description="a runtime-layer backend; default: the one for the file's suffix")
+    threads: int = Field(1, ge=1, le=1024, description="the runtime's intra-op threads")
+    top_k: int = Field(3, ge=1)
+    max_batch: int = Field(32, ge=1, le=65536, description="rows run as one batch at most")
+    max_wait_ms: float = Field(1.0, ge=0, le=10_000, description="how long a batch waits for company")
+    queue_limit: int = Field(1024, ge=1, le=1_000_000, description="requests waiting; more get 503")
+    max_request_bytes: int = Field(4 << 20, ge=1024, le=1 << 30, description="a larger body gets 413")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="env variable holding the API key; unset: no key")
+    allow_path: bool = Field(False, description='answer {"path": ...} requests (reads files on the server)')
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
 
 
@@ -341,6 +365,7 @@ class PipelineConfig(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     # where the config came from (not part of the schema)
     _source: str = "<config>"

@@ -54,6 +54,7 @@ class Reader:
     """Turns raw inputs into model inputs for one model kind."""
 
     kind = "?"
+    fields: tuple[str, ...] = ()  # the request keys this kind takes besides "id" and "path"
 
     def __init__(self, info: dict | None, input_specs: list[dict]):
         self.info = info or {}
@@ -80,16 +81,30 @@ class Reader:
             return Sample(name, error=f"{name}: not a usable path ({type(e).__name__})")
         return self._guard(name, lambda: self.file(p, name))
 
-    def json_line(self, line: str, where: str) -> Sample:
+    def json_line(self, line: str | bytes, where: str) -> Sample:
         """One JSON request (a line of stdin)."""
-        try:
-            obj = json.loads(line, parse_constant=_no_constant)  # NaN/Infinity are not JSON: never echoed back
-        except json.JSONDecodeError as e:
-            return Sample(where, error=f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-        except ValueError as e:
-            return Sample(where, error=f"{where}: not valid JSON ({e})")
-        except RecursionError:
-            return Sample(where, error=f"{where}: JSON nested too deeply; refused")
+        obj, err = _parse_json(line, where)
+        if err is not None:
+            return err
+        return self.request(obj, where)
+
+    def json_body(self, body: str | bytes, where: str = "request", *, allow_path: bool = False) -> tuple[list[Sample], bool]:
+        """An HTTP request body: one JSON request object or a list of them -> (samples, was_one_object).
+
+        The objects are exactly infer's JSON lines; ``{"path": ...}`` is refused unless ``allow_path``
+        (a server must not read its own files on a caller's say-so). A parse error is one error sample.
+        """
+        obj, err = _parse_json(body, where)
+        if err is not None:
+            return [err], True
+        if isinstance(obj, list):
+            if not obj:
+                return [Sample(where, error=f"{where}: an empty list; send one request object or a list of them")], False
+            return [self.request(o, f"{where}[{i}]", allow_path=allow_path) for i, o in enumerate(obj)], False
+        return [self.request(obj, where, allow_path=allow_path)], True
+
+    def request(self, obj, where: str, *, allow_path: bool = True) -> Sample:
+        """One parsed request object (a JSON line, an item of an HTTP body) -> a Sample."""
         if not isinstance(obj, dict):
             return Sample(where, error=f"{where}: expected a JSON object such as {self.example()}")
         rid = obj.get("id")
@@ -97,16 +112,28 @@ class Reader:
                                 or (isinstance(rid, float) and not np.isfinite(rid))):
             return Sample(where, error=f"{where}: \"id\" must be a string or a finite number")
         name = shown(rid) if rid is not None else where
-        if "path" in obj:
-            if not isinstance(obj["path"], str):
+        unknown = sorted(str(k) for k in obj if k not in self.fields and k not in ("id", "path"))
+        if unknown:
+            listed = ", ".join(f'"{shown(k)[:40]}"' for k in unknown[:5])
+            s = Sample(name, error=f"{name}: unknown field(s) {listed} in the request; expected "
+                                   f"{' or '.join(chr(34) + f + chr(34) for f in self.fields)} (or \"path\"), and an optional \"id\"")
+        elif "path" in obj:
+            if not allow_path:
+                s = Sample(name, error=f"{name}: \"path\" is refused here (serve.allow_path is off); send the "
+                                       "data itself or upload the file")
+            elif not isinstance(obj["path"], str):
                 s = Sample(name, error=f"{name}: \"path\" must be a string")
             else:
                 s = self.argument(obj["path"])
-            s.id = rid
-            return s
-        s = self._guard(name, lambda: self.json_obj(obj, name))
+        else:
+            s = self._guard(name, lambda: self.json_obj(obj, name))
         s.id = rid
         return s
+
+    def upload(self, data: bytes, name: str) -> Sample:
+        """One uploaded file's bytes (an HTTP multipart part or image body), decoded in memory."""
+        return Sample(name, error=f"{name}: this is a {self.kind or 'model-input'} model; it takes JSON requests "
+                                  f"such as {self.example()}, not uploaded files")
 
     def _guard(self, name: str, fn) -> Sample:
         """Run one input's reading; whatever goes wrong becomes that input's one-line error."""
@@ -146,6 +173,20 @@ class Reader:
 
 def _row_names(name: str, n: int) -> list[str]:
     return [name] if n == 1 else [f"{name}[{i}]" for i in range(n)]
+
+
+def _parse_json(text: str | bytes, where: str):
+    """(object, None) or (None, an error Sample): strict JSON, never NaN/Infinity, bounded nesting."""
+    try:
+        return json.loads(text, parse_constant=_no_constant), None  # NaN/Infinity are not JSON: never echoed back
+    except json.JSONDecodeError as e:
+        return None, Sample(where, error=f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+    except UnicodeDecodeError:
+        return None, Sample(where, error=f"{where}: not valid JSON (not UTF-8 text)")
+    except ValueError as e:
+        return None, Sample(where, error=f"{where}: not valid JSON ({e})")
+    except RecursionError:
+        return None, Sample(where, error=f"{where}: JSON nested too deeply; refused")
 
 
 def _no_constant(c: str):
@@ -210,6 +251,7 @@ def _numeric(value, name: str, what: str) -> np.ndarray:
 
 class ImageReader(Reader):
     kind = "image"
+    fields = ("pixels",)
 
     def example(self) -> str:
         return '{"pixels": [[0, 255, ...], ...]} or {"path": "digit.png"}'
@@ -248,10 +290,15 @@ class ImageReader(Reader):
             return self._preprocess(self.pixels(_load_npy(path, name), name), name)
         if suf in (".csv", ".tsv", ".json", ".jsonl", ".txt"):
             raise DataError(f"{name}: a {suf} file, but this is an image model; give image files or .npy pixels")
-        from edgecli.data.preprocess import load_image_file
+        from edgecli.data.images import load_image_file
 
         img = load_image_file(str(path), self._channels())  # raises DataError naming the file
         return self._preprocess(img[None], name)
+
+    def upload(self, data: bytes, name: str) -> Sample:
+        from edgecli.data.images import decode_image
+
+        return self._guard(name, lambda: self._preprocess(decode_image(data, self._channels(), name)[None], name))
 
     def json_obj(self, obj: dict, name: str) -> Sample:
         if "pixels" not in obj:
@@ -261,6 +308,7 @@ class ImageReader(Reader):
 
 class TableReader(Reader):
     kind = "table"
+    fields = ("features",)
 
     def example(self) -> str:
         return '{"features": [0.1, 2.0, ...]}'
@@ -350,6 +398,7 @@ class TextReader(Reader):
     """Sentences: an argument that is not an existing file, or {"text": ...} lines."""
 
     kind = "text"
+    fields = ("text",)
 
     def example(self) -> str:
         return '{"text": "turn on the lights"}'
@@ -386,6 +435,7 @@ class ModelInputReader(Reader):
     """A model without edgecli metadata: .npy arrays (or JSON "input") that are model inputs already."""
 
     kind = None
+    fields = ("input",)
 
     def example(self) -> str:
         return '{"input": [[...]]}'

@@ -65,14 +65,25 @@ def _to_8bit(im):
 
 def load_image_file(path: str, channels: int) -> np.ndarray:
     """Read an image file as uint8 (H, W, C) in the dataset's raw mode (grayscale or RGB)."""
+    from edgecli.safeio import INPUT_LIMIT, read_user_bytes, shown
+
+    data = read_user_bytes(path, "an image file", INPUT_LIMIT, DataError)  # never blocks, bounded
+    return decode_image(data, channels, shown(path))
+
+
+def decode_image(data: bytes, channels: int, name: str) -> np.ndarray:
+    """Decode image bytes held in memory (a file's, an upload's) as uint8 (H, W, C), guarded.
+
+    A header claiming more than ``IMAGE_PIXEL_LIMIT`` pixels (a decompression bomb) is refused before
+    anything is decoded; EXIF orientation is applied and 16-bit pixels are scaled; anything Pillow
+    cannot read is a one-line DataError naming ``name``.
+    """
     import io
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from edgecli.safeio import IMAGE_PIXEL_LIMIT, INPUT_LIMIT, read_user_bytes, shown
+    from edgecli.safeio import IMAGE_PIXEL_LIMIT
 
-    name = shown(path)
-    data = read_user_bytes(path, "an image file", INPUT_LIMIT, DataError)  # never blocks, bounded
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size

@@ -701,6 +701,10 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
             "measurements": measurements, "rows": rows, "skipped": skipped_info,
             "budgets": budgets, "regression": regression, "notes": allnotes, "failures": failures,
         }
+        if bc.serve is not None:  # the server scenario: `edgecli serve` on loopback under Poisson load
+            from edgecli.loadgen import server_scenario
+
+            results["serve"] = server_scenario(cfg, quiet)
         write_json_atomic(w.path("results.json"), results)
         md = markdown(results)
         w.path("results.md").write_text(md, encoding="utf-8")
@@ -726,6 +730,10 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     res.tables.append(Table(
         f"bench: {cfg.name} — {env_line(results['environment'])}",
         table_columns(many), [table_cells(r, many) for r in results["rows"]]))
+    if results.get("serve"):
+        from edgecli.loadgen import scenario_table
+
+        res.tables.append(Table(f"bench.serve: {results['serve']['url']}, Poisson arrivals", *scenario_table(results["serve"])))
     if results["budgets"]:
         res.tables.append(Table(f"budgets ({target})", ["budget", "where", "measured", "limit", "result"],
                                 [[x["budget"], x["where"], fmt_budget_value(x["measured"], x["unit"]),

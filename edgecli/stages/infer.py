@@ -18,13 +18,12 @@ answered and flushed as soon as it is read (real-time behind a pipe; one session
 
 Bad input never stops the run: each problem is one line on stderr naming the input (and with
 --json an {"input", "error"} object on stdout); the others are answered; the exit code is 1 when
-any input failed, 2 for usage errors (no model, no inputs). numpy, Pillow and ONNX Runtime only:
+any input failed, 2 for usage errors (no model, no inputs). numpy, Pillow and the runtime only:
 this module never imports torch or scikit-learn.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -32,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecli.artifacts import STAGES, ArtifactStore, sha256_file
+from edgecli.artifacts import STAGES, ArtifactStore
 from edgecli.config import PipelineConfig
 from edgecli.errors import ConfigError, ModelFileError, UsageError
+from edgecli.predict import Model, dumps, top_k
 from edgecli.stages import StageResult, Table
 
 STAGE = "infer"
@@ -49,106 +49,6 @@ def resolve_model(cfg: PipelineConfig, store: ArtifactStore) -> Path:
         raise ConfigError(f"infer.input: '{ref}' has no model; use export, compress, train or an .onnx path")
     _, path = resolve_input(store, ref, ("export", "compress", "train"), "infer.input")
     return path
-
-
-class Model:
-    """One ONNX Runtime session plus what the model says about itself (loaded once)."""
-
-    def __init__(self, path: Path, threads: int, providers: list[str]):
-        from edgecli.runtimes.ort import ORT_DTYPES, make_session
-
-        self.path = path
-        if path.suffix.lower() != ".ort":
-            from edgecli.onnxio import load_onnx
-
-            load_onnx(path, load_external=False)  # guarded: truncated, non-ONNX, escaping data refused
-        self.sha256 = sha256_file(path)
-        self.sess = make_session(path, threads=threads, providers=providers)
-        self.info = model_description(self.sess.get_modelmeta().custom_metadata_map, str(path))
-        self.out_index = score_output(self.sess.get_outputs(), path)
-        self.inputs = [{"name": i.name, "shape": [d if isinstance(d, int) else None for d in i.shape],
-                        "dtype": ORT_DTYPES.get(i.type, np.dtype(np.float32)).name} for i in self.sess.get_inputs()]
-        names = (self.info or {}).get("class_names")
-        self.labels = [str(n) for n in names] if names else None
-        self._warm = False
-
-    def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
-        """(probabilities, model milliseconds) for one batch.
-
-        A session's first runs allocate ONNX Runtime's buffers and kernels' packed weights (5-15 ms
-        for MiniLM, 3-7x its steady time); they run untimed so latency_ms is what a
-        deployed, warm model takes for this batch.
-        """
-        if not self._warm:
-            for _ in range(2):  # measured: the first two runs are slow, the third is steady
-                self.sess.run(None, feeds)
-            self._warm = True
-        t0 = time.perf_counter()
-        out = self.sess.run(None, feeds)[self.out_index]
-        ms = (time.perf_counter() - t0) * 1000.0
-        rows = len(next(iter(feeds.values())))
-        out = np.asarray(out, dtype=np.float64)
-        if out.ndim == 0 or len(out) != rows:  # one answer per input row, or none at all
-            raise ValueError(f"the model answered {len(out) if out.ndim else 0} row(s) for a batch of {rows}; "
-                             "its output is not sized by the batch")
-        if not np.isfinite(out).all():  # NaN probabilities would also make invalid JSON
-            raise ValueError("the model's output holds NaN or Inf")
-        return to_probs(out), ms
-
-
-def model_description(meta: dict[str, str], where: str = "model") -> dict | None:
-    """What infer feeds the model by: the exported card (card.json, embedded in the model), else the
-    model_info that train/compress wrote; None for a model without edgecli metadata.
-
-    Both are checked (``parse_model_info``): malformed metadata is a one-line model error."""
-    from edgecli.onnxio import parse_model_info
-
-    for key in ("edgecli.card", "edgecli.model_info"):
-        d = parse_model_info(meta.get(key), where) if key == "edgecli.model_info" else _card(meta.get(key), where)
-        if isinstance(d, dict) and d.get("preprocess"):
-            return d
-    return None
-
-
-def _card(text: str | None, where: str) -> dict | None:
-    from edgecli.onnxio import parse_model_info
-
-    try:
-        return parse_model_info(text, where)
-    except ModelFileError as e:
-        raise ModelFileError(e.message.replace("edgecli.model_info", "edgecli.card")) from None
-
-
-def score_output(outputs, path) -> int:
-    """Which output infer ranks: the first float tensor with a row per input.
-
-    A converted scikit-learn classifier's first output is the integer label and its scores come second;
-    ranking the label as if it were a score answers "0, prob 1.0" for everything.
-    """
-    floats = ("tensor(float)", "tensor(double)", "tensor(float16)")
-    for i, o in enumerate(outputs):
-        if o.type in floats:
-            return i
-    kinds = ", ".join(f"{o.name} ({o.type})" for o in outputs) or "none"
-    raise ModelFileError(f"{path}: no output holds float scores to rank (outputs: {kinds[:200]}); "
-                         "infer ranks classifier scores or logits")
-
-
-def to_probs(out: np.ndarray) -> np.ndarray:
-    """Softmax of logits; outputs that are already probabilities pass unchanged."""
-    out = out.reshape(len(out), -1)
-    if out.size and out.min() >= 0 and np.allclose(out.sum(axis=1), 1.0, atol=1e-4):
-        return out
-    z = out - out.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def top_k(probs: np.ndarray, k: int, labels: list[str] | None) -> list[dict]:
-    k = min(k, len(probs))
-    idx = np.argsort(-probs, kind="stable")[:k]
-    return [{"label": labels[i] if labels and i < len(labels) else str(int(i)), "index": int(i),
-             "prob": round(float(probs[i]), 6)} for i in idx]
 
 
 class Printer:
@@ -166,7 +66,7 @@ class Printer:
             if rid is not None:
                 obj["id"] = rid
             obj.update(top_k=tk, latency_ms=round(ms, 4), batch=batch, model_sha256=self.model.sha256)
-            sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
+            sys.stdout.write(dumps(obj) + "\n")
             sys.stdout.flush()
         elif self.stream:
             preds = ", ".join(f"{t['label']} ({t['prob']:.3f})" for t in tk)
@@ -187,7 +87,7 @@ class Printer:
             if rid is not None:
                 obj["id"] = rid
             obj.update(error=msg, model_sha256=self.model.sha256)
-            sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
+            sys.stdout.write(dumps(obj) + "\n")
             sys.stdout.flush()
 
 
@@ -264,8 +164,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     model = Model(path, cfg.infer.threads, cfg.infer.providers)
     if not model.inputs:
         raise ModelFileError(f"{path}: the model has no inputs")
-    outs = [o.name for o in model.sess.get_outputs()]
-    if model.labels is None and outs and outs[0] == "embedding":
+    if model.is_embedding():
         # top-k of a softmax over embedding dimensions would look like an answer and mean nothing
         raise UsageError(f"infer: {path} is an embedding model (output 'embedding', no labels); "
                          "it has no classes to rank — use bench for its fidelity, or a classifier config")
