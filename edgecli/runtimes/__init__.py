@@ -146,3 +146,27 @@ def rows_of(arrays: list[np.ndarray], inputs: list[TensorSpec]):
         if short:
             chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
         yield [np.ascontiguousarray(c) for c in chunk]
+
+
+class stdout_to_stderr:
+    """Send what converters print (Python and C++ alike, at the file-descriptor level) to stderr.
+
+    litert-torch prints its progress lines to stdout; stdout is for results (``--json``)."""
+
+    def __enter__(self):
+        import os
+        import sys
+
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        import sys
+
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+        return False

@@ -110,7 +110,9 @@ class _ExecuTorchBackend:
                              _dtype(meta.input_tensor_meta(i).dtype())) for i in range(meta.num_inputs())]
         outputs = [TensorSpec(f"output_{i}", tuple(meta.output_tensor_meta(i).sizes()),
                               _dtype(meta.output_tensor_meta(i).dtype())) for i in range(meta.num_outputs())]
-        return _EtSession(method, precision or "fp32", inputs, outputs)
+        # a .pte does not say how it was quantized; edgecli names the INT8 file model-int8.pte
+        precision = precision or ("int8" if "int8" in Path(path).stem else "fp32")
+        return _EtSession(method, precision, inputs, outputs)
 
 
 def _set_threads(threads: int) -> None:

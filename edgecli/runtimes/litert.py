@@ -31,9 +31,10 @@ class _LiteRtSession:
         self.precision = precision
         self._in = interp.get_input_details()
         self._out = interp.get_output_details()
-        self.inputs = [TensorSpec(d["name"], tuple(int(x) for x in d["shape"]), np.dtype(d["dtype"])) for d in self._in]
-        self.outputs = [TensorSpec(d["name"], tuple(int(x) for x in d["shape"]), np.dtype(d["dtype"]))
-                        for d in self._out]
+        # a fully integer model takes and gives int8: the session quantizes float feeds with the
+        # file's own scale/zero point (as a deployer's pre/post-processing does), so callers feed floats
+        self.inputs = [TensorSpec(d["name"], tuple(int(x) for x in d["shape"]), _outer(d)) for d in self._in]
+        self.outputs = [TensorSpec(d["name"], tuple(int(x) for x in d["shape"]), _outer(d)) for d in self._out]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         from edgecli.runtimes import by_position, rows_of
@@ -43,9 +44,9 @@ class _LiteRtSession:
         outs = []
         for row in rows_of(arrays, self.inputs):
             for d, a in zip(self._in, row, strict=True):
-                self.interp.set_tensor(d["index"], a)
+                self.interp.set_tensor(d["index"], _quantize(a, d))
             self.interp.invoke()
-            outs.append([self.interp.get_tensor(d["index"]).copy() for d in self._out])
+            outs.append([_dequantize(self.interp.get_tensor(d["index"]), d) for d in self._out])
         return [np.concatenate([o[k] for o in outs])[:n] for k in range(len(self._out))]
 
 
@@ -105,6 +106,28 @@ class _LiteRtBackend:
             raise ModelFileError(f"{path}: LiteRT cannot load this model "
                                  f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]})") from None
         return _LiteRtSession(interp, precision or _precision_of(interp))
+
+
+def _scale(d) -> tuple[float, int] | None:
+    scale, zp = d.get("quantization") or (0.0, 0)
+    return (float(scale), int(zp)) if scale and np.dtype(d["dtype"]).kind in "iu" else None
+
+
+def _outer(d) -> np.dtype:
+    return np.dtype(np.float32) if _scale(d) else np.dtype(d["dtype"])
+
+
+def _quantize(a: np.ndarray, d) -> np.ndarray:
+    q = _scale(d)
+    if q is None:
+        return np.ascontiguousarray(a, dtype=d["dtype"])
+    info = np.iinfo(d["dtype"])
+    return np.clip(np.round(a / q[0]) + q[1], info.min, info.max).astype(d["dtype"])
+
+
+def _dequantize(a: np.ndarray, d) -> np.ndarray:
+    q = _scale(d)
+    return a.copy() if q is None else (a.astype(np.float32) - q[1]) * np.float32(q[0])
 
 
 def _precision_of(interp) -> str:

@@ -49,7 +49,8 @@ class _OvSession:
         self.request = compiled.create_infer_request()
         self.inputs = [TensorSpec(p.get_any_name(), _shape(p), _dtype(p)) for p in compiled.inputs]
         self.outputs = [TensorSpec(p.get_any_name(), _shape(p), _dtype(p)) for p in compiled.outputs]
-        self.ran_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # what the plugin really computes in
+        self.ran_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         from edgecli.runtimes import by_position
@@ -132,7 +133,7 @@ class _OpenVinoBackend:
         except Exception as e:  # noqa: BLE001
             raise ModelFileError(f"{path}: OpenVINO cannot read this model ({_line(e)})") from None
         if precision is None:
-            precision = str(model.get_rt_info(_RT_KEY)) if model.has_rt_info(_RT_KEY) else "fp32"
+            precision = model.get_rt_info(_RT_KEY).astype(str) if model.has_rt_info(_RT_KEY) else "fp32"
         if _hint(precision) == "bf16" and not cpu_has_bf16():
             precision = precision.replace("bf16", "").rstrip("+") or "fp32"
         cfg = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
