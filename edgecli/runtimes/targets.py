@@ -150,7 +150,11 @@ def build(cfg, target: str, precision: str, src: Source, out_dir: Path) -> list[
     from edgecli import runtimes
 
     backend = runtimes.require(TARGETS[target][0])
-    out = out_dir / file_name(target, precision)
+    with runtimes.stdout_to_stderr():  # converters print progress; stdout is for results
+        return _build(cfg, backend, target, precision, src, out_dir / file_name(target, precision))
+
+
+def _build(cfg, backend, target: str, precision: str, src: Source, out: Path) -> list[Path]:
     if target == "openvino":
         backend.convert(src.onnx, out, precision=precision, calib=src.calib, text=src.text)
         return [out, out.with_suffix(".bin")]
@@ -229,42 +233,59 @@ def build_checked(cfg, target: str, precision: str, src: Source, out_dir: Path) 
     return files, gate(src, got, precision, cfg.export.parity)
 
 
+def _onnx_entries(files: dict, quantized: bool, parity: dict | None) -> list[dict]:
+    """The export's own files as card targets (their parity is the export's, against its input)."""
+    from edgecli import runtimes
+
+    version = runtimes.get("onnxruntime").version()
+    prec = "int8" if quantized else "fp32"
+    out = []
+    for target, name in (("onnx", "model.onnx"), ("ort", "model.ort")):
+        if name in files:
+            out.append({"target": target, "file": name, "runtime": "onnxruntime", "version": version,
+                        "precision": prec, "files": {name: files[name]}, "bytes": files[name]["bytes"],
+                        "parity": parity})
+    return out
+
+
 def publish(cfg, store, w, work: Path, stage: str | None, src_path: Path, info: dict | None, quantized: bool,
-            feeds: dict, labels, onnx_final: Path, log) -> tuple[list[dict], dict | None]:
+            feeds: dict, labels, onnx_final: Path, files: dict, log, parity: dict | None = None
+            ) -> tuple[list[dict], dict | None]:
     """Build, check and publish the configured targets into the export bundle ``w``.
 
-    Returns the card's ``targets`` list and, for ``auto``, the choice table. A target that fails its
-    gate stops the export (CheckFailed, nothing published), except under ``auto``, where it only
-    loses the choice.
+    Returns the card's ``targets`` list (model.onnx and model.ort first) and, for ``auto``, the choice
+    table. A target that fails its gate stops the export (CheckFailed, nothing published), except
+    under ``auto``, where it only loses the choice.
     """
     import shutil
 
     want = cfg.export.targets
+    own = _onnx_entries(files, quantized, parity)
     if want == "auto" or want == ["auto"]:
         from edgecli.runtimes.choose import choose
 
         src = source(cfg, store, stage, src_path, info, quantized, feeds, labels)
         winner, table = choose(cfg, src, work, onnx_final, log)
         if winner is None:
-            return [], table
-        target, precision, files, par, ran = winner
-        for p in files:
+            return own, table
+        target, precision, built, par, ran = winner
+        for p in built:
             shutil.copyfile(p, w.path(p.name))
-        return [entry(target, precision, [w.path(p.name) for p in files], par, ran)], table
+        return own + [entry(target, precision, [w.path(p.name) for p in built], par, ran)], table
     extra = [parse(t) for t in want if parse(t)[0] not in ("onnx", "ort")]
     if not extra:
-        return [], None
+        return own, None
     src = source(cfg, store, stage, src_path, info, quantized, feeds, labels)
-    out = []
+    out = own
     for target, precision in extra:
         log(f"building {target} ({precision})")
-        files, par = build_checked(cfg, target, precision, src, work)
+        built, par = build_checked(cfg, target, precision, src, work)
         if not par["passed"]:
             raise CheckFailed(f"export parity ({target} {precision}, {par['samples']} samples): {par['why']}; "
                               "nothing was published")
-        for p in files:
+        for p in built:
             shutil.copyfile(p, w.path(p.name))
-        out.append(entry(target, precision, [w.path(p.name) for p in files], par))
+        out.append(entry(target, precision, [w.path(p.name) for p in built], par))
     return out, None
 
 
@@ -283,3 +304,31 @@ def card_for(path: Path) -> dict:
     if not isinstance(card, dict):
         raise ArtifactError(f"{card_path}: not a JSON object")
     return card
+
+
+def tables(card: dict) -> list[tuple[str, list[str], list[list]]]:
+    """(title, columns, rows) for the export stage's output: the targets, and auto's choice."""
+    out = []
+    extra = [t for t in card.get("targets", []) if t["target"] not in ("onnx", "ort")]
+    if extra:
+        out.append(("export targets", ["file", "runtime", "precision", "bytes", "parity"],
+                    [[t["file"], f"{t['runtime']} {t['version']}", t.get("ran_precision") or t["precision"], t["bytes"],
+                      _parity_text(t["parity"])] for t in extra]))
+    auto = card.get("auto")
+    if auto:
+        out.append((f"auto: {auto['chosen']} ({auto['protocol']})",
+                    ["candidate", "p50 ms", "vs onnxruntime", "bytes", "accuracy / min cos", "verdict"],
+                    [[r["candidate"], f"{r['p50_ms']:.4f}" if "p50_ms" in r else "-",
+                      f"{r['vs_onnxruntime']:.2f}x" if r.get("vs_onnxruntime") else "-", r.get("bytes", "-"),
+                      _parity_text(r.get("parity") or {}), r["why"]] for r in auto["rows"]]))
+    return out
+
+
+def _parity_text(p: dict) -> str:
+    if "min_cosine" in p:
+        return f"min cos {p['min_cosine']:.4f}"
+    if "accuracy" in p:
+        return f"acc {p['accuracy']:.4f} (drop {p['accuracy_drop']:+.4f})"
+    if "top1_agreement" in p:
+        return f"top-1 agree {p['top1_agreement']:.4f}, max diff {p['max_abs_diff']:.2g}"
+    return "-"

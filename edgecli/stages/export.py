@@ -455,7 +455,7 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
         problem = None
         try:
             full_check(cand)
-            if cfg.export.ort_format:
+            if cfg.export.writes_ort:
                 convert_to_ort(cand, _mkdir(work / f"ortcheck-{level}"), level or "disable")
         except CheckFailed as e:
             problem = e.message
@@ -500,7 +500,7 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
     save_model(m, final)
     full_check(final)
     files = {"model.onnx": {"bytes": _bytes(final), "sha256": sha256_file(final)}}
-    if cfg.export.ort_format:
+    if cfg.export.writes_ort:
         ort_path, cfg_path = convert_to_ort(final, w.dir, level or "disable")
         ort_out = _run_ort(ort_path, feeds)
         onnx_out = _run(final, feeds)
@@ -513,6 +513,13 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
         files["required_operators.config"] = {"bytes": cfg_path.stat().st_size, "sha256": sha256_file(cfg_path)}
         card["ort_check"] = ort_check
         state["ort_check"] = ort_check
+    from edgecli.runtimes.targets import publish as publish_targets  # tflite / pte / openvino / auto
+
+    card["targets"], auto = publish_targets(cfg, store, w, work, stage, src_local, info, quantized, feeds, labels,
+                                            final, files, log, par)
+    files.update({n: f for t in card["targets"] for n, f in t["files"].items()})
+    if auto:
+        card["auto"] = state["auto"] = auto
     card["files"] = files
     (w.dir / "card.json").write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
     state.update(card=card, notes=notes)
@@ -620,5 +627,8 @@ def _result(res: StageResult, state: dict, store: ArtifactStore) -> StageResult:
     if "model.onnx" in card.get("files", {}):
         rows.append(["model.onnx sha256", card["files"]["model.onnx"]["sha256"][:16] + "..."])
     res.tables.append(Table(f"export ({'parity passed' if par.get('passed') else 'parity'})", ["", "value"], rows))
+    from edgecli.runtimes.targets import tables as target_tables
+
+    res.tables += [Table(title, cols, trows) for title, cols, trows in target_tables(card)]
     res.details["card"] = card
     return res
