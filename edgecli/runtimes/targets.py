@@ -332,3 +332,58 @@ def _parity_text(p: dict) -> str:
     if "top1_agreement" in p:
         return f"top-1 agree {p['top1_agreement']:.4f}, max diff {p['max_abs_diff']:.2g}"
     return "-"
+
+
+class _Port:
+    def __init__(self, name: str, shape, type_: str):
+        self.name, self.shape, self.type = name, list(shape), type_
+
+
+class InferSession:
+    """A runtime-layer session behind the ONNX Runtime calls infer makes (``run(None, feeds)``,
+    ``get_inputs``, ``get_outputs``), with the card's input names, shapes and dtypes."""
+
+    def __init__(self, sess, card: dict):
+        self.sess = sess
+        self.backend, self.precision = sess.backend, sess.precision
+        self._in = [_Port(i["name"], i["shape"], f"tensor({_ORT_TYPE.get(i['dtype'], 'float')})")
+                    for i in card.get("inputs") or []]
+        outs = card.get("outputs") or [{"name": o.name, "shape": list(o.shape), "dtype": "float32"} for o in sess.outputs]
+        self._out = [_Port(o["name"], o["shape"], f"tensor({_ORT_TYPE.get(o.get('dtype'), 'float')})") for o in outs]
+
+    def get_inputs(self):
+        return self._in
+
+    def get_outputs(self):
+        return self._out
+
+    def run(self, _names, feeds: dict):
+        return self.sess.run(feeds)
+
+
+_ORT_TYPE = {"float32": "float", "float64": "double", "float16": "float16", "int64": "int64", "int32": "int32",
+             "uint8": "uint8", "int8": "int8", "bool": "bool"}
+
+
+def open_for_infer(path: Path, backend: str, threads: int) -> tuple[InferSession, dict]:
+    """(session, card) for a target file: the runtime named, or by suffix; the card beside the file."""
+    from edgecli import runtimes
+
+    card = card_for(path)
+    name = Path(path).name
+    rec = next((t for t in card.get("targets", []) if t.get("file") == name), None)
+    precision = rec.get("precision") if rec else None
+    sess = runtimes.require(backend).open(path, threads=threads, precision=precision)
+    return InferSession(sess, card), card
+
+
+def target_file(card: dict, export_dir: Path, runtime: str) -> Path:
+    """The export bundle's file for ``runtime`` (the auto choice first), or a ConfigError listing what is there."""
+    ts = [t for t in card.get("targets", []) if t.get("runtime") == runtime]
+    chosen = (card.get("auto") or {}).get("chosen")
+    ts.sort(key=lambda t: f"{t['target']}:{t['precision']}" != chosen)
+    if not ts:
+        have = sorted({t.get("runtime") for t in card.get("targets", [])}) or ["onnxruntime"]
+        raise ConfigError(f"infer.runtime: the export bundle has no {runtime} target (it has {', '.join(have)})",
+                          hint=f"add it to export.targets and rerun `edgecli export`")
+    return export_dir / ts[0]["file"]

@@ -54,17 +54,29 @@ def resolve_model(cfg: PipelineConfig, store: ArtifactStore) -> Path:
 class Model:
     """One ONNX Runtime session plus what the model says about itself (loaded once)."""
 
-    def __init__(self, path: Path, threads: int, providers: list[str]):
+    def __init__(self, path: Path, threads: int, providers: list[str], runtime: str | None = None):
+        from edgecli import runtimes
         from edgecli.runtime import make_session
 
         self.path = path
+        backend = runtime or runtimes.for_file(path)
+        if backend != "onnxruntime":  # .tflite / .pte / .xml: described by the card.json beside them
+            from edgecli.runtimes.targets import open_for_infer
+
+            self.sha256 = sha256_file(path)
+            self.sess, card = open_for_infer(path, backend, threads)
+            self._describe(model_description({"edgecli.card": json.dumps(card)}, str(path)), path)
+            return
         if path.suffix.lower() != ".ort":
             from edgecli.onnxio import load_onnx
 
             load_onnx(path, load_external=False)  # guarded: truncated, non-ONNX, escaping data refused
         self.sha256 = sha256_file(path)
         self.sess = make_session(path, threads=threads, providers=providers)
-        self.info = model_description(self.sess.get_modelmeta().custom_metadata_map, str(path))
+        self._describe(model_description(self.sess.get_modelmeta().custom_metadata_map, str(path)), path)
+
+    def _describe(self, info: dict | None, path: Path) -> None:
+        self.info = info
         self.out_index = score_output(self.sess.get_outputs(), path)
         self.inputs = [{"name": i.name, "shape": [d if isinstance(d, int) else None for d in i.shape],
                         "dtype": _ORT_DTYPES.get(i.type, "float32")} for i in self.sess.get_inputs()]
@@ -266,7 +278,11 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     if inputs.count("-") > 1:
         raise UsageError("infer: '-' (stdin) given more than once")
     path = resolve_model(cfg, store)
-    model = Model(path, cfg.infer.threads, cfg.infer.providers)
+    if cfg.infer.runtime and cfg.infer.runtime != "onnxruntime" and path.name == "model.onnx" and cfg.infer.input == "export":
+        from edgecli.runtimes.targets import card_for, target_file
+
+        path = target_file(card_for(path), path.parent, cfg.infer.runtime)
+    model = Model(path, cfg.infer.threads, cfg.infer.providers, cfg.infer.runtime)
     if not model.inputs:
         raise ModelFileError(f"{path}: the model has no inputs")
     outs = [o.name for o in model.sess.get_outputs()]
