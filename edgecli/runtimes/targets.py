@@ -387,3 +387,34 @@ def target_file(card: dict, export_dir: Path, runtime: str) -> Path:
         raise ConfigError(f"infer.runtime: the export bundle has no {runtime} target (it has {', '.join(have)})",
                           hint=f"add it to export.targets and rerun `edgecli export`")
     return export_dir / ts[0]["file"]
+
+
+def bench_entries(export_dir: Path, wanted: list[str] | None) -> tuple[list[dict], list[str]]:
+    """(the export bundle's non-ONNX targets bench gives a row each, notes).
+
+    ``wanted`` is bench.runtimes: None means every target in the bundle (a runtime that is not
+    installed is then skipped with a note); a runtime named there must be installed (ConfigError,
+    naming the extra) and present in the bundle (a note otherwise). model.onnx is the
+    onnxruntime row already.
+    """
+    from edgecli import runtimes
+
+    card = card_for(export_dir / "model.onnx")
+    out, notes = [], []
+    for name in wanted or []:
+        runtimes.require(name)
+    for t in card.get("targets", []):
+        if t["target"] in ("onnx", "ort") or (wanted is not None and t["runtime"] not in wanted):
+            continue
+        why = runtimes.get(t["runtime"]).unavailable()
+        if why:
+            notes.append(f"export {t['target']}:{t['precision']} not benched: {why}")
+            continue
+        out.append({"label": f"export {t['target']}:{t['precision']}", "path": export_dir / t["file"],
+                    "runtime": t["runtime"], "precision": t["precision"], "bytes": t["bytes"],
+                    "input_names": [i["name"] for i in card.get("inputs") or []],
+                    "embedder": "min_cosine" in (t.get("parity") or {})})
+    for name in wanted or []:
+        if name != "onnxruntime" and not any(e["runtime"] == name for e in out):
+            notes.append(f"bench.runtimes: the export bundle has no {name} target")
+    return out, notes
