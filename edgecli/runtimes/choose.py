@@ -48,25 +48,38 @@ def skipped(src) -> list[str]:
     return notes
 
 
-def time_all(cfg, files: list[tuple[str, str, Path, str]], feeds: dict, tmp: Path, embed: bool, log) -> list[list[int]]:
-    """Pooled batch-1, 1-thread latencies (ns) of each (label, backend, path, precision), interleaved."""
+def runtime_spec(backend: str, path: Path, precision: str) -> dict:
+    return {"kind": "runtime", "backend": backend, "model": str(path), "precision": precision}
+
+
+def time_all(cfg, jobs: list[tuple[str, dict]], feeds: dict, tmp: Path, embed: bool, log) -> list[list[int]]:
+    """Pooled batch-1, 1-thread latencies (ns) of each (label, worker spec), in interleaved order.
+
+    A spec is edgecli.benchworker's: ``runtime_spec(...)`` for a runtime-layer file, or a PyTorch
+    eager baseline (``kind: torch`` with weights and model_info); the timing fields are added here.
+    """
     from edgecli.runtimes.worker import spawn, write_inputs
 
     bc = cfg.bench
     x = write_inputs({k: v[:8] for k, v in feeds.items()}, tmp, "timing")
-    pooled: list[list[int]] = [[] for _ in files]
+    pooled: list[list[int]] = [[] for _ in jobs]
     for rep in range(bc.repeats):
-        for j, (label, backend, path, precision) in enumerate(files):
+        for j, (label, spec) in enumerate(jobs):
             log(f"timing {label} [process {rep + 1}/{bc.repeats}]")
-            spec = {"kind": "runtime", "backend": backend, "model": str(path), "precision": precision,
-                    "input_names": list(feeds), "threads": 1, "batch_sizes": [1], "warmup": bc.warmup,
+            spec = {**spec, "input_names": list(feeds), "threads": 1, "batch_sizes": [1], "warmup": bc.warmup,
                     "runs": bc.runs, "min_time_s": bc.min_time_s, "x": x, "y": None, "embedder": embed}
             pooled[j] += spawn(spec, tmp, label)["batches"][0]["latencies_ns"]
     return pooled
 
 
-def choose(cfg, src, work: Path, onnx_final: Path, log) -> tuple[tuple | None, dict]:
-    """(winner or None when ONNX Runtime stays, the choice table for the card and the stage's output)."""
+def choose(cfg, src, work: Path, onnx_final: Path, log, references: list[tuple[str, dict]] | None = None
+           ) -> tuple[tuple | None, dict]:
+    """(winner or None when ONNX Runtime stays, the choice table for the card and the stage's output).
+
+    ``references`` (label, worker spec) are timed in the same interleaved rounds but never chosen: the
+    float ONNX model when the export input is quantized, so every ratio can be read against ORT FP32
+    (benchmarks/runtimes.py adds the PyTorch eager baseline the same way).
+    """
     from edgecli.runtimes.targets import build_checked, gate, run_file
 
     quantized_ort = _quantized(onnx_final)
@@ -95,20 +108,26 @@ def choose(cfg, src, work: Path, onnx_final: Path, log) -> tuple[tuple | None, d
         if ok:
             built[label] = (target, precision, files, par)
     timed = [r for r in rows if r["eligible"]]
-    paths = [(r["candidate"], r["runtime"], onnx_final if r["target"] == "onnx" else built[r["candidate"]][2][0],
-              r["precision"]) for r in timed]
-    lat = time_all(cfg, paths, src.feeds, cdir, src.embed, log)
-    for r, ns in zip(timed, lat, strict=True):
+    jobs = [(r["candidate"], runtime_spec(r["runtime"], onnx_final if r["target"] == "onnx"
+                                          else built[r["candidate"]][2][0], r["precision"])) for r in timed]
+    refs = [{"candidate": label, "reference": True, "eligible": False, "why": "reference (not a candidate)",
+             **({"bytes": Path(spec["model"]).stat().st_size} if spec.get("kind") == "runtime" else {})}
+            for label, spec in references or []]
+    lat = time_all(cfg, jobs + list(references or []), src.feeds, cdir, src.embed, log)
+    for r, ns in zip(timed + refs, lat, strict=True):
         r["p50_ms"] = float(np.percentile(np.asarray(ns, dtype=np.float64), 50)) / 1e6
         r["runs"] = len(ns)
-    base = rows[0]["p50_ms"]
-    for r in timed:
-        r["vs_onnxruntime"] = r["p50_ms"] / base if base else None
+    rows += refs
+    base = next((r["p50_ms"] for r in refs if r["candidate"].startswith("onnx fp32")), rows[0]["p50_ms"])
+    for r in rows:
+        if "p50_ms" in r:
+            r["vs_onnxruntime"] = r["p50_ms"] / base if base else None
     best = min(timed, key=lambda r: r["p50_ms"])
     for r in timed:
         r["why"] = ("chosen: fastest that holds the gate" if r is best
                     else r["why"] if r is rows[0] else f"slower than {best['candidate']}")
-    table = {"rows": rows, "chosen": best["candidate"], "protocol":
+    table = {"rows": rows, "chosen": best["candidate"], "baseline": "onnx fp32" if refs else rows[0]["candidate"],
+             "protocol":
              f"batch 1, 1 thread, {cfg.bench.repeats} fresh processes x {cfg.bench.runs} runs, interleaved, pooled p50",
              "notes": skipped(src)}
     if best is rows[0]:

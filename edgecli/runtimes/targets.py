@@ -264,8 +264,12 @@ def publish(cfg, store, w, work: Path, stage: str | None, src_path: Path, info: 
     if want == "auto" or want == ["auto"]:
         from edgecli.runtimes.choose import choose
 
+        from edgecli.runtimes.choose import runtime_spec
+
         src = source(cfg, store, stage, src_path, info, quantized, feeds, labels)
-        winner, table = choose(cfg, src, work, onnx_final, log)
+        # a quantized input: its float model is timed beside the candidates, so ratios read against ORT FP32
+        refs = [("onnx fp32 (float input)", runtime_spec("onnxruntime", src.onnx, "fp32"))] if quantized else []
+        winner, table = choose(cfg, src, work, onnx_final, log, refs)
         if winner is None:
             return own, table
         target, precision, built, par, ran = winner
@@ -317,7 +321,8 @@ def tables(card: dict) -> list[tuple[str, list[str], list[list]]]:
     auto = card.get("auto")
     if auto:
         out.append((f"auto: {auto['chosen']} ({auto['protocol']})",
-                    ["candidate", "p50 ms", "vs onnxruntime", "bytes", "accuracy / min cos", "verdict"],
+                    ["candidate", "p50 ms", f"vs {auto.get('baseline', 'onnx')}", "bytes", "accuracy / min cos",
+                     "verdict"],
                     [[r["candidate"], f"{r['p50_ms']:.4f}" if "p50_ms" in r else "-",
                       f"{r['vs_onnxruntime']:.2f}x" if r.get("vs_onnxruntime") else "-", r.get("bytes", "-"),
                       _parity_text(r.get("parity") or {}), r["why"]] for r in auto["rows"]]))
