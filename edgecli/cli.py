@@ -234,6 +234,8 @@ def infer(
     set_: SetOpt = None,
     top_k: Annotated[int | None, typer.Option("--top-k", "-k", min=1, help="labels per input (default infer.top_k)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="one JSON object per input and line on stdout")] = False,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="onnxruntime, litert, executorch or openvino "
+                                                "(default infer.runtime, else by the file's suffix)")] = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     dry_run: DryRunOpt = False,
@@ -244,7 +246,8 @@ def infer(
     with an optional "id"; one result line per request, flushed at once. Exit 1 if any input failed.
     """
     # json_out=False for the summary: with --json each result is already its own JSON line
-    _invoke("infer", config, set_, json_out=False, quiet=quiet, verbose=verbose, dry_run=dry_run,
+    sets = (set_ or []) + ([f"infer.runtime={runtime}"] if runtime else [])
+    _invoke("infer", config, sets, json_out=False, quiet=quiet, verbose=verbose, dry_run=dry_run,
             inputs=inputs, json_out_stream=json_out, top_k_override=top_k)
 
 

@@ -279,6 +279,14 @@ class CompressConfig(_Strict):
         return self
 
 
+def _runtime_name(name: str) -> str:
+    from edgecli.runtimes import BACKENDS
+
+    if name not in BACKENDS:
+        raise ValueError(f"unknown runtime '{name}'{did_you_mean(name, BACKENDS)}; choose from {', '.join(sorted(BACKENDS))}")
+    return name
+
+
 class ParityConfig(_Strict):
     atol: float = Field(1e-4, gt=0, description="float input: max abs diff allowed between input and export")
     samples: int = Field(256, ge=1)
@@ -293,6 +301,31 @@ class ExportConfig(_Strict):
     optimization_level: Literal["basic", "extended"] = "extended"
     ort_format: bool = True
     parity: ParityConfig = Field(default_factory=ParityConfig)
+    targets: list[str] | Literal["auto"] = Field(
+        default_factory=lambda: ["onnx", "ort"],
+        description="files to publish: onnx, ort, tflite, pte, openvino (each optionally :precision, e.g. "
+                    "tflite:int8), or auto: the fastest runtime x precision that holds the accuracy gate")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v):
+        from edgecli.runtimes.targets import parse
+
+        if v == "auto" or v == ["auto"]:
+            return "auto"
+        for item in v:
+            try:
+                parse(item)
+            except ConfigError as e:
+                raise ValueError(e.message.removeprefix("export.targets: ")) from None
+        if "onnx" not in [str(t).partition(":")[0] for t in v]:
+            raise ValueError("must include onnx (the model every other target is checked against)")
+        return v
+
+    @property
+    def writes_ort(self) -> bool:
+        """model.ort is written when ort_format is on and the targets ask for it (auto keeps it)."""
+        return self.ort_format and (self.targets == "auto" or "ort" in self.targets)
 
 
 class BudgetConfig(_Strict):
@@ -321,10 +354,26 @@ class BenchConfig(_Strict):
     accuracy_samples: int | None = Field(None, ge=1)
     budgets: BudgetConfig = Field(default_factory=BudgetConfig)
     serve: ServeBenchConfig | None = Field(None, description="the server scenario; unset: not run")
+    runtimes: list[str] | None = Field(None, description="runtimes whose export targets get a row (litert, "
+                                       "executorch, openvino, onnxruntime); default: every target in the export bundle")
+
+    @field_validator("runtimes")
+    @classmethod
+    def _runtimes(cls, v):
+        for name in v or []:
+            _runtime_name(name)
+        return v
 
 
 class InferConfig(_Strict):
     input: str = Field("export", description="stage name or .onnx path")
+    runtime: str | None = Field(None, description="onnxruntime, litert, executorch or openvino; default: by the "
+                                "file's suffix (for the export stage: the card's chosen target, else model.onnx)")
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime(cls, v):
+        return v if v is None else _runtime_name(v)
     top_k: int = Field(3, ge=1)
     batch_size: int = Field(64, ge=1, le=1 << 20)
     threads: int = Field(1, ge=1, le=1024)

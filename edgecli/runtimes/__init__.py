@@ -19,12 +19,18 @@ from edgecli.errors import ConfigError
 # name -> "module:attr"; a new runtime is one module and one row here
 BACKENDS: dict[str, str] = {
     "onnxruntime": "edgecli.runtimes.ort:BACKEND",
+    "litert": "edgecli.runtimes.litert:BACKEND",
+    "executorch": "edgecli.runtimes.executorch:BACKEND",
+    "openvino": "edgecli.runtimes.openvino:BACKEND",
 }
 
 # file suffix -> backend name (infer picks the runtime by extension)
 SUFFIXES: dict[str, str] = {
     ".onnx": "onnxruntime",
     ".ort": "onnxruntime",
+    ".tflite": "litert",
+    ".pte": "executorch",
+    ".xml": "openvino",
 }
 
 
@@ -57,6 +63,29 @@ class Backend(Protocol):
     def open(self, path: str | Path, *, threads: int = 1, precision: str | None = None) -> Session: ...
 
 
+def require(name: str) -> Any:
+    """The backend called ``name``, usable: else a ConfigError (exit 2) naming the extra to install."""
+    b = get(name)
+    why = b.unavailable()
+    if why:
+        raise ConfigError(f"runtime {name}: {why}")
+    return b
+
+
+def missing_extra(name: str, extra: str, modules: tuple[str, ...]) -> str | None:
+    """None when every module in ``modules`` can be found; else the one line a user needs."""
+    import importlib.util
+
+    for mod in modules:
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"{name} is not installed ({mod} missing); install it with: pip install -e '.[{extra}]'"
+    return None
+
+
 def names() -> list[str]:
     return sorted(BACKENDS)
 
@@ -80,3 +109,64 @@ def for_file(path: str | Path) -> str:
         raise ConfigError(f"{path}: no runtime runs '{suffix or 'no suffix'}' files; "
                           f"known: {', '.join(sorted(SUFFIXES))}")
     return SUFFIXES[suffix]
+
+
+def by_position(inputs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` keyed by this file's own input names.
+
+    Converters rename inputs (LiteRT: ``args_0``, ExecuTorch: positional only), while callers feed
+    the card's ONNX names; names that match are used as they are, otherwise the feeds are taken in
+    order, as the card lists them.
+    """
+    names = [i.name for i in inputs]
+    if set(feeds) == set(names):
+        return {n: np.ascontiguousarray(feeds[n], dtype=_np_dtype(i.dtype)) for n, i in zip(names, inputs, strict=True)}
+    if len(feeds) != len(inputs):
+        from edgecli.errors import DataError
+
+        raise DataError(f"the model takes {len(inputs)} input(s) ({', '.join(names)}), got {len(feeds)}")
+    return {i.name: np.ascontiguousarray(v, dtype=_np_dtype(i.dtype)) for i, v in zip(inputs, feeds.values(), strict=True)}
+
+
+def _np_dtype(dt) -> np.dtype:
+    return np.dtype(dt)
+
+
+def rows_of(arrays: list[np.ndarray], inputs: list[TensorSpec]):
+    """The feed in chunks of the file's fixed batch size (LiteRT and ExecuTorch files are exported at
+    batch 1); the last chunk is padded by repeating its last row, and callers cut the answer back."""
+    fixed = inputs[0].shape[0] if inputs and inputs[0].shape else None
+    n = len(arrays[0]) if arrays and np.ndim(arrays[0]) else 1
+    if not isinstance(fixed, int) or fixed <= 0 or fixed == n:
+        yield arrays
+        return
+    for i in range(0, n, fixed):
+        chunk = [a[i:i + fixed] for a in arrays]
+        short = fixed - len(chunk[0])
+        if short:
+            chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
+        yield [np.ascontiguousarray(c) for c in chunk]
+
+
+class stdout_to_stderr:
+    """Send what converters print (Python and C++ alike, at the file-descriptor level) to stderr.
+
+    litert-torch prints its progress lines to stdout; stdout is for results (``--json``)."""
+
+    def __enter__(self):
+        import os
+        import sys
+
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        import sys
+
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+        return False

@@ -40,13 +40,15 @@ def isa_summary(flags: set[str]) -> dict[str, bool]:
         "avx512": "avx512f" in flags,
         "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
         "amx": bool({"amx_tile", "amx_int8", "amx_bf16"} & flags),
+        "bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
     }
     if "asimd" in flags or "neon" in flags:  # Arm
         isa.update(neon=True, dotprod="asimddp" in flags, sve="sve" in flags)
     return isa
 
 
-def versions(packages=("onnxruntime", "onnxruntime-gpu", "torch", "onnx", "numpy")) -> dict[str, str]:
+def versions(packages=("onnxruntime", "onnxruntime-gpu", "torch", "onnx", "numpy", "ai-edge-litert", "executorch",
+                       "openvino")) -> dict[str, str]:
     """Python, edgecli and the installed ``packages`` (those not installed are left out)."""
     from importlib import metadata
 

@@ -56,6 +56,7 @@ class Target:
     stage: str | None
     info: dict | None
     size_bytes: int
+    runtime: dict | None = None  # kind "runtime": backend, precision, input names (edgecli.runtimes.targets)
 
 
 # --------------------------------------------------------------------------- what to measure
@@ -83,6 +84,13 @@ def select_targets(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[Targ
         targets.append(Target(label, "onnx", path, stage, model_info_from_onnx(path), model_bytes(path)))
 
     notes: list[str] = []
+    if any(t.stage == "export" for t in targets):  # one row per LiteRT / ExecuTorch / OpenVINO target too
+        from edgecli.runtimes.targets import bench_entries
+
+        entries, rnotes = bench_entries(store.stage_dir("export"), cfg.bench.runtimes)
+        notes += rnotes
+        info = next(t.info for t in targets if t.stage == "export")
+        targets += [Target(e["label"], "runtime", e["path"], "export", info, e["bytes"], e) for e in entries]
     if cfg.bench.torch_baseline:
         import importlib.util
 
@@ -190,6 +198,11 @@ def run_worker(spec: dict, tmp: Path, label: str) -> dict:
     return res
 
 
+def _where_ran(t: Target, prov: str) -> str:
+    """The provider column: the ORT provider, or the runtime and precision of a runtime target."""
+    return f"{t.runtime['runtime']} {t.runtime['precision']}" if t.runtime else short_provider(prov)
+
+
 def latency_stats(lat_ns: list[int], batch: int) -> dict:
     """Percentiles in ms of the timed runs; throughput = samples over the summed run time."""
     a = np.asarray(lat_ns, dtype=np.float64) / 1e6
@@ -251,7 +264,7 @@ def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], qu
         xs, y_path, num_classes, notes = _write_inputs(cfg, targets, tmp)
         jobs = []
         for t in targets:
-            for prov in (["CPUExecutionProvider"] if t.kind == "torch" else providers):
+            for prov in (["CPUExecutionProvider"] if t.kind in ("torch", "runtime") else providers):
                 for threads in bc.threads:
                     spec = {
                         "kind": t.kind, "model": str(t.path), "weights": str(t.path), "model_info": t.info,
@@ -260,6 +273,9 @@ def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], qu
                         "x": xs.get(t.label), "y": y_path, "accuracy_samples": bc.accuracy_samples,
                         "num_classes": (t.info or {}).get("num_classes") or num_classes,
                     }
+                    if t.runtime:
+                        spec.update(backend=t.runtime["runtime"], precision=t.runtime["precision"],
+                                    input_names=t.runtime["input_names"], embedder=t.runtime["embedder"])
                     if t.kind == "torch" and spec["x"] is None:
                         notes.append("PyTorch baseline skipped: the test split is not a numeric array")
                         continue
@@ -284,7 +300,7 @@ def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], qu
                 notes.append(f"{t.label}: timed on synthetic inputs, accuracy not measured ({res['accuracy_note']})")
             acc = (res.get("metrics") or {}).get("accuracy")
             m = {
-                "model": t.label, "kind": t.kind, "provider": short_provider(prov), "threads": threads,
+                "model": t.label, "kind": t.kind, "provider": _where_ran(t, prov), "threads": threads,
                 "providers_used": res["providers_used"], "processes": len(runs), "import_ms": res["import_ms"],
                 "load_ms": res["load_ms"], "first_inference_ms": res["first_ms"],
                 "cold_start_ms": (res["load_ms"] + res["first_ms"]) if res["first_ms"] is not None else None,
@@ -301,7 +317,7 @@ def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], qu
                     continue
                 rows.append({
                     "model": t.label, "kind": t.kind, "stage": t.stage, "path": str(t.path),
-                    "provider": short_provider(prov), "batch": b["batch"], "threads": threads,
+                    "provider": _where_ran(t, prov), "batch": b["batch"], "threads": threads,
                     "size_bytes": t.size_bytes, "accuracy": acc,
                     **latency_stats(b["latencies_ns"], b["batch"]),
                     "p50_per_process_ms": b["p50_per_process_ms"], "p95_per_process_ms": b["p95_per_process_ms"],
@@ -507,7 +523,8 @@ def env_line(env: dict) -> str:
     isa = env["isa"]
     flags = ", ".join(f"{k.upper().replace('AVX512', 'AVX-512')} {'yes' if v else 'no'}" for k, v in isa.items())
     v = env["versions"]
-    vers = " · ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnxruntime-gpu", "torch", "onnx") if k in v)
+    vers = " · ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnxruntime-gpu", "torch", "onnx", "ai-edge-litert",
+                                              "executorch", "openvino") if k in v)
     return f"{env['cpu_model']} ({env['usable_cpus']} usable CPUs; {flags}) · {vers}"
 
 

@@ -154,7 +154,7 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
     state["parity"] = par
     card = _card(m, cfg, stage, src, info, lineage, level, par, gnotes, notes, quantized)
     card.update(lineage_privacy(store, lineage))
-    _publish(cfg, w, m, card, level, feeds, state)
+    _publish(cfg, w, m, card, level, feeds, state, (store, work, stage, src_local, info, quantized, labels, log, par))
     state.update(card=card, notes=notes)
     files = card["files"]
     metrics = {"bytes": files["model.onnx"]["bytes"], "sha256": files["model.onnx"]["sha256"],
@@ -217,7 +217,7 @@ def _choose_level(cfg: PipelineConfig, src_model, work: Path, meta: dict, log):
         problem = None
         try:
             full_check(cand)
-            if cfg.export.ort_format:
+            if cfg.export.writes_ort:
                 convert_to_ort(cand, _mkdir(work / f"ortcheck-{level}"), level or "disable")
         except CheckFailed as e:
             problem = e.message
@@ -254,8 +254,11 @@ def _check_parity(cfg: PipelineConfig, ref, got, labels, sample_src: str, quanti
     return par
 
 
-def _publish(cfg: PipelineConfig, w: StageWriter, m, card: dict, level: str | None, feeds: dict, state: dict) -> None:
-    """The card embedded, then the final model.onnx, model.ort (checked against it) and card.json."""
+def _publish(cfg: PipelineConfig, w: StageWriter, m, card: dict, level: str | None, feeds: dict, state: dict,
+             tctx: tuple) -> None:
+    """The card embedded, then the final model.onnx, model.ort (checked against it), the other runtimes'
+    targets (each parity-checked) and card.json."""
+    store, work, stage, src_local, info, quantized, labels, log, par = tctx
     from edgecli.onnxio import full_check, model_bytes, parity, save_model
     from edgecli.runtimes.ort import convert_to_ort
 
@@ -266,7 +269,7 @@ def _publish(cfg: PipelineConfig, w: StageWriter, m, card: dict, level: str | No
     save_model(m, final)
     full_check(final)
     files = {"model.onnx": {"bytes": model_bytes(final), "sha256": sha256_file(final)}}
-    if cfg.export.ort_format:
+    if cfg.export.writes_ort:
         ort_path, cfg_path = convert_to_ort(final, w.dir, level or "disable")
         ort_check = parity(_run(final, feeds), _run(ort_path, feeds))
         ort_check["passed"] = ort_check["max_abs_diff"] <= pc.atol and ort_check.get("top1_agreement", 1.0) == 1.0
@@ -277,6 +280,13 @@ def _publish(cfg: PipelineConfig, w: StageWriter, m, card: dict, level: str | No
         files["required_operators.config"] = {"bytes": cfg_path.stat().st_size, "sha256": sha256_file(cfg_path)}
         card["ort_check"] = ort_check
         state["ort_check"] = ort_check
+    from edgecli.runtimes.targets import publish as publish_targets  # tflite / pte / openvino / auto
+
+    card["targets"], auto = publish_targets(cfg, store, w, work, stage, src_local, info, quantized, feeds, labels,
+                                            final, files, log, par)
+    files.update({n: f for t in card["targets"] for n, f in t["files"].items()})
+    if auto:
+        card["auto"] = state["auto"] = auto
     card["files"] = files
     (w.dir / "card.json").write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
 
@@ -342,5 +352,8 @@ def _result(res: StageResult, state: dict, store: ArtifactStore) -> StageResult:
     if "model.onnx" in card.get("files", {}):
         rows.append(["model.onnx sha256", card["files"]["model.onnx"]["sha256"][:16] + "..."])
     res.tables.append(Table(f"export ({'parity passed' if par.get('passed') else 'parity'})", ["", "value"], rows))
+    from edgecli.runtimes.targets import tables as target_tables
+
+    res.tables += [Table(title, cols, trows) for title, cols, trows in target_tables(card)]
     res.details["card"] = card
     return res

@@ -161,7 +161,11 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     if inputs.count("-") > 1:
         raise UsageError("infer: '-' (stdin) given more than once")
     path = resolve_model(cfg, store)
-    model = Model(path, cfg.infer.threads, cfg.infer.providers)
+    if cfg.infer.runtime and cfg.infer.runtime != "onnxruntime" and path.name == "model.onnx" and cfg.infer.input == "export":
+        from edgecli.runtimes.targets import card_for, target_file
+
+        path = target_file(card_for(path), path.parent, cfg.infer.runtime)
+    model = Model(path, cfg.infer.threads, cfg.infer.providers, cfg.infer.runtime)
     if not model.inputs:
         raise ModelFileError(f"{path}: the model has no inputs")
     if model.is_embedding():

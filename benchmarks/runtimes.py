@@ -1,0 +1,137 @@
+"""Every runtime x precision side by side, and what `export.targets: auto` chooses (issue 14; not a pytest).
+
+For digits-cnn, digits-resnet8, digits-mobilenet and minilm-embed: train (short), compress and
+export as each config says, then run edgecli's own auto choice (edgecli.runtimes.choose, the code
+`export.targets: auto` runs) with ONNX Runtime FP32 (the train model) and PyTorch eager timed in
+the same interleaved rounds as references. One table per model: p50 at batch 1 and 1 thread,
+size, accuracy on the test split (min cosine to FP32 for the embedder), ratios vs ORT FP32 and
+PyTorch eager; then the goals.
+
+    .venv/bin/python benchmarks/runtimes.py [--artifacts /tmp/edgecli-runtimes] [--only digits-cnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# config -> short-training overrides (a few minutes in all) and the goal for auto's choice
+MODELS = {
+    "digits-cnn": {"sets": ["train.epochs=10"], "goal": None},
+    "digits-resnet8": {"sets": ["train.epochs=8"], "goal": {"vs_ort": 0.45, "drop": 0.01}},
+    "digits-mobilenet": {"sets": ["train.epochs=6"], "goal": {"vs_ort": 0.75}},
+    "minilm-embed": {"sets": ["bench.runs=60", "bench.warmup=10"], "goal": {"vs_torch": 0.30, "cos": 0.99, "size": 0.30}},
+}
+
+
+def run_model(name: str, artifacts: str, repeats: int) -> dict:
+    from edgecli.artifacts import ArtifactStore
+    from edgecli.config import load_config
+    from edgecli.onnxio import model_info_from_onnx
+    from edgecli.runtimes import targets as tg
+    from edgecli.runtimes.choose import choose, runtime_spec
+    from edgecli.stages import compress, export, train
+    from edgecli.stages.export import is_quantized, parity_samples
+
+    sets = [f"artifacts_dir={artifacts}", f"bench.repeats={repeats}", "export.targets=[onnx]", *MODELS[name]["sets"]]
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", sets)
+    store = ArtifactStore.for_config(cfg)
+    t0 = time.time()
+    for stage in (train, compress, export):
+        stage.run(cfg, store, quiet=True)
+    print(f"[{name}] train/compress/export {time.time() - t0:.0f} s", file=sys.stderr)
+    final = store.require("export", "model.onnx")
+    from edgecli.compression.quantize import model_inputs
+    from edgecli.onnxio import load_onnx
+
+    m = load_onnx(final, load_external=False)
+    info = model_info_from_onnx(final)
+    feeds, labels, _ = parity_samples(cfg, info, model_inputs(m), cfg.export.parity.samples)
+    cm = store.require("compress", "model.onnx")  # export's input, before ORT's offline fusions
+    src = tg.source(cfg, store, "compress", cm, info, is_quantized(load_onnx(cm, load_external=False)), feeds, labels)
+    tinfo = store.manifest("train")["model_info"]
+    refs = [("onnx fp32 (train)", runtime_spec("onnxruntime", store.require("train", "model.onnx"), "fp32")),
+            ("pytorch eager", {"kind": "torch", "weights": str(store.require("train", "weights.safetensors")),
+                               "model_info": tinfo, "num_classes": tinfo.get("num_classes")})]
+    with tempfile.TemporaryDirectory(prefix="edgecli-runtimes-") as tmp:
+        t0 = time.time()
+        _, table = choose(cfg, src, Path(tmp), final, lambda msg: print(f"[{name}] {msg}", file=sys.stderr), refs)
+        print(f"[{name}] auto {time.time() - t0:.0f} s", file=sys.stderr)
+    table["fp32_bytes"] = store.require("train", "model.onnx").stat().st_size
+    return table
+
+
+def render(name: str, t: dict) -> list[str]:
+    rows = t["rows"]
+    ort = next(r for r in rows if r["candidate"] == "onnx fp32 (train)")
+    torch_row = next(r for r in rows if r["candidate"] == "pytorch eager")
+    lines = [f"\n## {name}: auto chose {t['chosen']} ({t['protocol']})", "",
+             "| candidate | p50 ms | vs ORT FP32 | vs PyTorch | size KB | accuracy / min cos | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r.get("parity") or {}
+        q = (f"min cos {p['min_cosine']:.4f}" if "min_cosine" in p else
+             f"{p['accuracy']:.4f} ({-p['accuracy_drop']:+.4f})" if "accuracy" in p else "-")
+        p50 = r.get("p50_ms")
+        lines.append(f"| {r['candidate']} | {p50:.4f} | {p50 / ort['p50_ms']:.2f}x | {p50 / torch_row['p50_ms']:.2f}x "
+                     if p50 else f"| {r['candidate']} | - | - | - ")
+        lines[-1] += f"| {r['bytes'] / 1024:.1f} | {q} | {r['why']} |" if r.get("bytes") else f"| - | {q} | {r['why']} |"
+    return lines
+
+
+def goals(name: str, t: dict) -> list[str]:
+    g = MODELS[name]["goal"]
+    rows = {r["candidate"]: r for r in t["rows"]}
+    ch = rows[t["chosen"]]
+    ort, torch_row = rows["onnx fp32 (train)"], rows["pytorch eager"]
+    vs_ort, vs_torch = ch["p50_ms"] / ort["p50_ms"], ch["p50_ms"] / torch_row["p50_ms"]
+    p = ch.get("parity") or {}
+    out = [f"{name}: auto -> {t['chosen']}: {vs_ort:.2f}x ORT FP32, {vs_torch:.2f}x PyTorch eager, "
+           f"{ch['bytes'] / t['fp32_bytes']:.2f}x FP32 size"
+           + (f", min cos {p['min_cosine']:.4f}" if "min_cosine" in p else "")
+           + (f", accuracy drop {p['accuracy_drop']:+.4f}" if "accuracy_drop" in p else "")]
+    if not g:
+        out[-1] += f" (never slower than ORT FP32: {'yes' if vs_ort <= 1.0 else 'NO'})"
+        return out
+    checks = []
+    if "vs_ort" in g:
+        checks.append(f"<= {g['vs_ort']}x ORT FP32: {'met' if vs_ort <= g['vs_ort'] else 'MISSED'}")
+    if "drop" in g:
+        checks.append(f"drop <= {g['drop']}: {'met' if p.get('accuracy_drop', 0) <= g['drop'] else 'MISSED'}")
+    if "vs_torch" in g:
+        checks.append(f"<= {g['vs_torch']}x PyTorch: {'met' if vs_torch <= g['vs_torch'] else 'MISSED'}")
+    if "cos" in g:
+        checks.append(f"min cos >= {g['cos']}: {'met' if p.get('min_cosine', 1.0) >= g['cos'] else 'MISSED'}")
+    if "size" in g:
+        checks.append(f"size <= {g['size']}x: {'met' if ch['bytes'] / t['fp32_bytes'] <= g['size'] else 'MISSED'}")
+    checks.append(f"never slower than ORT FP32: {'yes' if vs_ort <= 1.0 else 'NO'}")
+    out.append("  goals: " + "; ".join(checks))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--artifacts", default="/tmp/edgecli-runtimes/artifacts")
+    ap.add_argument("--only", action="append", choices=sorted(MODELS), help="run only these models")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per candidate (interleaved)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from edgecli.stages.bench import env_line, environment
+
+    print(f"# edge runtimes side by side\n\n{env_line(environment())}")
+    summary = []
+    for name in args.only or list(MODELS):
+        table = run_model(name, args.artifacts, args.repeats)
+        print("\n".join(render(name, table)), flush=True)
+        summary += goals(name, table)
+    print("\n## auto's choice against the goals\n")
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

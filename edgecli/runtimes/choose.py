@@ -1,0 +1,163 @@
+"""``export.targets: auto``: every runtime x precision here, checked, timed, the fastest that holds published.
+
+Candidates: the export's own ONNX Runtime model (always eligible: compress already held it to its
+budget; it is what a failed search keeps), then every available backend's precisions for this CPU
+(``candidates()``: OpenVINO offers its bf16 variants only where the CPU computes bf16). Each is built
+and gated against the float reference (edgecli/runtimes/targets.py) before any timing; a candidate
+that misses the accuracy drop or the cosine guard is reported and never timed.
+
+Timing is bench's protocol: batch 1, one thread, ``bench.warmup`` + ``bench.runs`` calls per fresh
+worker process (edgecli.benchworker, the same timer), ``bench.repeats`` processes per candidate run
+in interleaved order, latencies pooled; the fastest pooled p50 wins. ONNX Runtime is kept when no
+other candidate is faster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgecli.errors import CheckFailed, ConfigError, ModelFileError
+
+
+def candidates(src) -> list[tuple[str, str]]:
+    """(target, precision) pairs worth building here, and nothing whose runtime is missing."""
+    from edgecli import runtimes
+    from edgecli.runtimes.targets import BACKEND_TARGET
+
+    out = []
+    for backend_name, target in BACKEND_TARGET.items():
+        b = runtimes.get(backend_name)
+        if b.unavailable() or (b.source == "torch" and src.torch_ok):
+            continue
+        out += [(target, p) for p in b.candidates()]
+    return out
+
+
+def skipped(src) -> list[str]:
+    from edgecli import runtimes
+    from edgecli.runtimes.targets import BACKEND_TARGET
+
+    notes = []
+    for backend_name in BACKEND_TARGET:
+        b = runtimes.get(backend_name)
+        why = b.unavailable() or (src.torch_ok if b.source == "torch" else None)
+        if why:
+            notes.append(f"{backend_name} not tried: {why}")
+    return notes
+
+
+def runtime_spec(backend: str, path: Path, precision: str) -> dict:
+    return {"kind": "runtime", "backend": backend, "model": str(path), "precision": precision}
+
+
+def time_all(cfg, jobs: list[tuple[str, dict]], feeds: dict, tmp: Path, embed: bool, log) -> list[list[int]]:
+    """Pooled batch-1, 1-thread latencies (ns) of each (label, worker spec), in interleaved order.
+
+    A spec is edgecli.benchworker's: ``runtime_spec(...)`` for a runtime-layer file, or a PyTorch
+    eager baseline (``kind: torch`` with weights and model_info); the timing fields are added here.
+    """
+    from edgecli.runtimes.worker import spawn, write_inputs
+
+    bc = cfg.bench
+    x = write_inputs({k: v[:8] for k, v in feeds.items()}, tmp, "timing")
+    pooled: list[list[int]] = [[] for _ in jobs]
+    for rep in range(bc.repeats):
+        for j, (label, spec) in enumerate(jobs):
+            log(f"timing {label} [process {rep + 1}/{bc.repeats}]")
+            spec = {**spec, "input_names": list(feeds), "threads": 1, "batch_sizes": [1], "warmup": bc.warmup,
+                    "runs": bc.runs, "min_time_s": bc.min_time_s, "x": x, "y": None, "embedder": embed}
+            pooled[j] += spawn(spec, tmp, label)["batches"][0]["latencies_ns"]
+    return pooled
+
+
+def choose(cfg, src, work: Path, onnx_final: Path, log, references: list[tuple[str, dict]] | None = None
+           ) -> tuple[tuple | None, dict]:
+    """(winner or None when ONNX Runtime stays, the choice table for the card and the stage's output).
+
+    ``references`` (label, worker spec) are timed in the same interleaved rounds but never chosen: the
+    float ONNX model when the export input is quantized, so every ratio can be read against ORT FP32
+    (benchmarks/runtimes.py adds the PyTorch eager baseline the same way).
+    """
+    from edgecli.runtimes.targets import build_checked, gate, run_file
+
+    quantized_ort = _quantized(onnx_final)
+    ort_prec = "int8" if quantized_ort else "fp32"
+    ort_par = gate(src, run_file(onnx_final, "onnxruntime", ort_prec, src.feeds), "int8" if quantized_ort else "fp32",
+                   cfg.export.parity)
+    rows = [{"candidate": f"onnx:{ort_prec}", "target": "onnx", "precision": ort_prec, "runtime": "onnxruntime",
+             "bytes": onnx_final.stat().st_size, "parity": ort_par, "eligible": True,
+             "why": "the export's model (kept when nothing is faster)"}]
+    built: dict[str, tuple] = {}
+    cdir = work / "auto"
+    cdir.mkdir(exist_ok=True)
+    for target, precision in candidates(src):
+        label = f"{target}:{precision}"
+        log(f"auto: building {label}")
+        try:
+            files, par = build_checked(cfg, target, precision, src, cdir)
+        except (CheckFailed, ModelFileError, ConfigError) as e:
+            rows.append({"candidate": label, "target": target, "precision": precision, "eligible": False,
+                         "why": f"not built: {e.message}"})
+            continue
+        ok = par["passed"]
+        rows.append({"candidate": label, "target": target, "precision": precision,
+                     "runtime": _runtime(target), "bytes": sum(p.stat().st_size for p in files), "parity": par,
+                     "eligible": ok, "why": None if ok else f"fails the gate: {par['why']}"})
+        if ok:
+            built[label] = (target, precision, files, par)
+    timed = [r for r in rows if r["eligible"]]
+    jobs = [(r["candidate"], runtime_spec(r["runtime"], onnx_final if r["target"] == "onnx"
+                                          else built[r["candidate"]][2][0], r["precision"])) for r in timed]
+    refs = [{"candidate": label, "reference": True, "eligible": False, "why": "reference (not a candidate)",
+             **({"bytes": Path(spec["model"]).stat().st_size} if spec.get("kind") == "runtime" else {})}
+            for label, spec in references or []]
+    lat = time_all(cfg, jobs + list(references or []), src.feeds, cdir, src.embed, log)
+    for r, ns in zip(timed + refs, lat, strict=True):
+        r["p50_ms"] = float(np.percentile(np.asarray(ns, dtype=np.float64), 50)) / 1e6
+        r["runs"] = len(ns)
+    rows += refs
+    base = next((r["p50_ms"] for r in refs if r["candidate"].startswith("onnx fp32")), rows[0]["p50_ms"])
+    for r in rows:
+        if "p50_ms" in r:
+            r["vs_onnxruntime"] = r["p50_ms"] / base if base else None
+    best = min(timed, key=lambda r: r["p50_ms"])
+    for r in timed:
+        r["why"] = ("chosen: fastest that holds the gate" if r is best
+                    else r["why"] if r is rows[0] else f"slower than {best['candidate']}")
+    table = {"rows": rows, "chosen": best["candidate"], "baseline": "onnx fp32" if refs else rows[0]["candidate"],
+             "protocol":
+             f"batch 1, 1 thread, {cfg.bench.repeats} fresh processes x {cfg.bench.runs} runs, interleaved, pooled p50",
+             "notes": skipped(src)}
+    if best is rows[0]:
+        return None, table
+    target, precision, files, par = built[best["candidate"]]
+    ran = _ran_precision(target, files[0], precision)
+    return (target, precision, files, par, ran), table
+
+
+def _runtime(target: str) -> str:
+    from edgecli.runtimes.targets import TARGETS
+
+    return TARGETS[target][0]
+
+
+def _ran_precision(target: str, path: Path, precision: str) -> str | None:
+    if target != "openvino":
+        return None
+    from edgecli import runtimes
+
+    return getattr(runtimes.get("openvino").open(path, precision=precision), "ran_precision", None)
+
+
+def _quantized(path: Path) -> bool:
+    from onnx import TensorProto
+
+    from edgecli.onnxio import load_onnx
+
+    m = load_onnx(path, load_external=False)
+    ops = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+           "DynamicQuantizeLinear", "MatMulNBits", "DynamicQuantizeMatMul", "QAttention", "QGemm"}
+    return any(n.op_type in ops for n in m.graph.node) or any(
+        t.data_type == TensorProto.FLOAT16 for t in m.graph.initializer)
