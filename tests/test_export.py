@@ -56,7 +56,7 @@ def test_bundle_files_card_and_checker(exported):
     # the same card (less the fields describing the final files) lives inside the model
     meta = {p.key: p.value for p in onnx.load(str(d / "model.onnx")).metadata_props}
     embedded = json.loads(meta["edgecli.card"])
-    assert embedded == {k: v for k, v in card.items() if k not in ("files", "ort_check")}
+    assert embedded == {k: v for k, v in card.items() if k not in ("files", "ort_check", "targets", "auto")}
     assert json.loads(meta["edgecli.model_info"]) == train_info
     model = onnx.load(str(d / "model.onnx"))
     used = {n.domain for n in model.graph.node}
