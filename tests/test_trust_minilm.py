@@ -54,13 +54,16 @@ def test_external_minilm_auto_publishes_a_compressed_model_that_keeps_cosine(tmp
     mdir = default_model_dir()
     bert = AutoModel.from_pretrained(str(mdir), attn_implementation="eager").eval()
 
-    class Encoder(torch.nn.Module):  # token embeddings, as the model card's own ONNX export gives them
+    class Encoder(torch.nn.Module):  # sentence embeddings as the model card computes them: mean pooling, L2 norm
         def __init__(self):
             super().__init__()
             self.bert = bert
 
         def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
 
     model = Encoder().eval()
     tok = Tokenizer.from_file(str(mdir / "tokenizer.json"))
@@ -73,9 +76,9 @@ def test_external_minilm_auto_publishes_a_compressed_model_that_keeps_cosine(tmp
     onnx_path = tmp_path / "minilm.onnx"
     with torch.no_grad():
         torch.onnx.export(model, (torch.as_tensor(ids[:2]), torch.as_tensor(mask[:2])), str(onnx_path),
-                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                          input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
                           dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"},
-                                        "last_hidden_state": {0: "b", 1: "s"}}, opset_version=17, dynamo=False)
+                                        "sentence_embedding": {0: "b"}}, opset_version=17, dynamo=False)
     np.savez(tmp_path / "calib.npz", input_ids=ids, attention_mask=mask)
 
     raw = {"name": "mini", "artifacts_dir": str(tmp_path / "artifacts"),
