@@ -54,7 +54,10 @@ class Model:
             from edgecli.runtimes.targets import open_for_infer
 
             inner, card = open_for_infer(path, self.runtime, threads)
-            self.session = _CardSession(inner)
+            from edgecli.runtimes.ort import OrtStyleSession
+
+            # InferSession speaks ONNX Runtime's calls with the card's names, shapes and output types
+            self.session = OrtStyleSession(inner, inner.precision, backend=inner.backend)
             meta = {"edgecli.card": json.dumps(card)}
         self.info = model_description(meta, str(path))
         self.out_index = score_output(self.session, path)
@@ -108,24 +111,6 @@ class Model:
                 "arch": info.get("arch"), "labels": self.labels, "inputs": self.inputs,
                 "outputs": self.output_names, "score_output": self.output_names[self.out_index],
                 "preprocess": info.get("preprocess")}
-
-
-class _CardSession:
-    """A target file's session (runtimes.targets.InferSession) behind the runtime layer's Session protocol."""
-
-    def __init__(self, inner):
-        from edgecli.runtimes import TensorSpec
-        from edgecli.runtimes.ort import ORT_DTYPES
-
-        self.inner, self.backend, self.precision = inner, inner.backend, inner.precision
-        self.sess = inner  # its get_outputs() gives the card's output types
-        self.inputs = [TensorSpec(p.name, tuple(p.shape), ORT_DTYPES.get(p.type, np.dtype(np.float32)))
-                       for p in inner.get_inputs()]
-        self.outputs = [TensorSpec(p.name, tuple(p.shape), ORT_DTYPES.get(p.type, np.dtype(np.float32)))
-                        for p in inner.get_outputs()]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.inner.run(None, feeds)
 
 
 def session_metadata(session, path: Path) -> dict[str, str]:

@@ -10,10 +10,6 @@ that protocol confirms faster.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +18,10 @@ from edgecli.errors import CheckFailed
 
 
 def _worker(spec: dict, tmp: Path, n: int) -> dict:
-    sp, op = tmp / f"confirm-spec{n}.json", tmp / f"confirm-out{n}.json"
-    sp.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env["EDGECLI_PARENT_PID"] = str(os.getpid())  # the worker dies with this process
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "edgecli.benchworker", str(sp), str(op)],
-                          capture_output=True, text=True, env=env)
-    if not op.is_file():
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        raise CheckFailed(f"compress: the bench worker confirming latency died (exit code {proc.returncode}): {last}")
-    res = json.loads(op.read_text())
+    from edgecli.runtimes.worker import launch
+
+    res = launch(spec, tmp / f"confirm-spec{n}.json", tmp / f"confirm-out{n}.json",
+                 "compress: the bench worker confirming latency")
     if not res.get("ok"):
         raise CheckFailed(f"compress: the bench worker confirming latency failed: {res.get('error')}")
     return res

@@ -160,14 +160,14 @@ def convert_to_ort(model: Path, out_dir: Path, level: str) -> tuple[Path, Path]:
     return ort_path, cfg_path
 
 
-class _OrtSession:
-    """An InferenceSession behind the runtime layer's Session protocol."""
+class OrtStyleSession:
+    """An InferenceSession (or anything with its get_inputs/get_outputs/run(None, feeds) calls) behind the
+    runtime layer's Session protocol."""
 
-    backend = "onnxruntime"
-
-    def __init__(self, sess, precision: str = "fp32"):
+    def __init__(self, sess, precision: str = "fp32", backend: str = "onnxruntime"):
         from edgecli.runtimes import TensorSpec
 
+        self.backend = backend
         self.sess = sess
         self.precision = precision
         self.inputs = [TensorSpec(i.name, tuple(i.shape), ORT_DTYPES.get(i.type, np.dtype(np.float32)))
@@ -210,7 +210,7 @@ class _OrtBackend:
         return ort.__version__
 
     def open(self, path, *, threads: int = 1, precision: str | None = None, providers: list[str] | None = None):
-        return _OrtSession(make_session(path, threads=threads, providers=providers), precision or "fp32")
+        return OrtStyleSession(make_session(path, threads=threads, providers=providers), precision or "fp32")
 
 
 BACKEND = _OrtBackend()

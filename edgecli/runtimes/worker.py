@@ -89,24 +89,34 @@ def write_inputs(feeds: dict[str, np.ndarray], tmp: Path, tag: str) -> str:
     return str(p)
 
 
-def spawn(spec: dict, tmp: Path, label: str) -> dict:
-    """One measurement in a fresh ``python -m edgecli.benchworker`` process; its result dict."""
+def launch(spec: dict, sp: Path, op: Path, what: str, *, omp_threads: int | None = None) -> dict:
+    """Run ``python -m edgecli.benchworker`` on ``spec`` (written to ``sp``) in a fresh process that dies
+    with this one; the result dict it wrote to ``op``, ok or not. CheckFailed naming ``what`` if it died."""
     from edgecli.errors import CheckFailed
 
-    idx = len(list(tmp.glob("rspec*.json")))
-    sp, op = tmp / f"rspec{idx}.json", tmp / f"rout{idx}.json"
     sp.write_text(json.dumps(spec))
     env = dict(os.environ)
-    env["EDGECLI_PARENT_PID"] = str(os.getpid())
-    env["OMP_NUM_THREADS"] = str(spec["threads"])  # ExecuTorch imports torch: no pool wider than asked
+    env["EDGECLI_PARENT_PID"] = str(os.getpid())  # the worker dies with this process (benchworker.die_with_parent)
+    if omp_threads is not None:  # no OpenMP pool wider than the thread count being measured
+        env["OMP_NUM_THREADS"] = str(omp_threads)
     pkg_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-m", "edgecli.benchworker", str(sp), str(op)],
                           capture_output=True, text=True, env=env)
     if not op.is_file():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        raise CheckFailed(f"the worker measuring {label} died (exit code {proc.returncode}): {last}")
-    res = json.loads(op.read_text())
+        raise CheckFailed(f"{what} died (exit code {proc.returncode}): {last}")
+    return json.loads(op.read_text())
+
+
+def spawn(spec: dict, tmp: Path, label: str) -> dict:
+    """One measurement in a fresh ``python -m edgecli.benchworker`` process; its result dict."""
+    from edgecli.errors import CheckFailed
+
+    idx = len(list(tmp.glob("rspec*.json")))
+    # ExecuTorch imports torch: no pool wider than asked
+    res = launch(spec, tmp / f"rspec{idx}.json", tmp / f"rout{idx}.json", f"the worker measuring {label}",
+                 omp_threads=spec["threads"])
     if not res.get("ok"):
         if os.environ.get("EDGECLI_DEBUG"):
             print(res.get("traceback", ""), file=sys.stderr)

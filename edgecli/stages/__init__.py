@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecli.artifacts import ArtifactStore, Declared, StageWriter
-from edgecli.errors import ArtifactError
+from edgecli.errors import ArtifactError, ConfigError
 
 
 @dataclass
@@ -134,6 +134,16 @@ def declare_model(decl: Declared, stage: str | None, path: Path) -> None:
 
     for p in model_files(path):
         decl.file(f"file:{p.name}", p)
+
+
+def resolve_model_input(store: ArtifactStore, ref: str | None, key: str, what: str) -> Path:
+    """The model file infer/serve read: a model stage's model.onnx (export, compress, train; verified) or a
+    file path. ``what`` names the files a path may be in the error for a stage without a model."""
+    from edgecli.artifacts import STAGES
+
+    if ref in STAGES and ref not in ("train", "compress", "export"):
+        raise ConfigError(f"{key}: '{ref}' has no model; use export, compress, train or {what}")
+    return resolve_input(store, ref, ("export", "compress", "train"), key)[1]
 
 
 def resolve_input(store: ArtifactStore, ref: str | None, default_order: tuple[str, ...], key: str) -> tuple[str | None, Path]:

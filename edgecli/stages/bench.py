@@ -21,7 +21,6 @@ import datetime as _dt
 import json
 import math
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,19 +175,10 @@ def run_worker(spec: dict, tmp: Path, label: str) -> dict:
     """Measure in a fresh ``python -m edgecli.benchworker`` process; return its result dict."""
     idx = len(list(tmp.glob("spec*.json")))
     sp, op = tmp / f"spec{idx}.json", tmp / f"out{idx}.json"
-    sp.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env["EDGECLI_PARENT_PID"] = str(os.getpid())  # the worker dies with this process (benchworker.die_with_parent)
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    if spec["kind"] == "torch":  # no OpenMP pool wider than the thread count being measured
-        env["OMP_NUM_THREADS"] = str(spec["threads"])
-    proc = subprocess.run([sys.executable, "-m", "edgecli.benchworker", str(sp), str(op)],
-                          capture_output=True, text=True, env=env)
-    if not op.is_file():
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        raise CheckFailed(f"bench: the worker measuring {label} died (exit code {proc.returncode}): {last}")
-    res = json.loads(op.read_text())
+    from edgecli.runtimes.worker import launch
+
+    res = launch(spec, sp, op, f"bench: the worker measuring {label}",
+                 omp_threads=spec["threads"] if spec["kind"] == "torch" else None)
     if not res.get("ok"):
         if os.environ.get("EDGECLI_DEBUG"):
             print(res.get("traceback", ""), file=sys.stderr)

@@ -232,8 +232,7 @@ def _measure_torch(model, info, cfg, splits, work: Path, tag: str, data: _Data) 
     """Export a torch model to ONNX (parity checked) and measure it like any step output."""
     from edgecli.compression.quantize import Scorer
     from edgecli.models.zoo import count_macs, count_params
-    from edgecli.onnxio import model_bytes
-    from edgecli.stages.train import save_model_files
+    from edgecli.onnxio import model_bytes, save_model_files
 
     d = work / tag
     d.mkdir(parents=True, exist_ok=True)

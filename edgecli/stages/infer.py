@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecli.artifacts import STAGES, ArtifactStore
+from edgecli.artifacts import ArtifactStore
 from edgecli.config import PipelineConfig
-from edgecli.errors import ConfigError, ModelFileError, UsageError
+from edgecli.errors import ModelFileError, UsageError
 from edgecli.predict import Model, dumps, top_k
 from edgecli.stages import StageResult, Table
 
@@ -42,13 +42,9 @@ STAGE = "infer"
 
 def resolve_model(cfg: PipelineConfig, store: ArtifactStore) -> Path:
     """The model file infer.input names (a stage's model.onnx, verified, or a file path)."""
-    from edgecli.stages import resolve_input
+    from edgecli.stages import resolve_model_input
 
-    ref = cfg.infer.input
-    if ref in STAGES and ref not in ("train", "compress", "export"):
-        raise ConfigError(f"infer.input: '{ref}' has no model; use export, compress, train or an .onnx path")
-    _, path = resolve_input(store, ref, ("export", "compress", "train"), "infer.input")
-    return path
+    return resolve_model_input(store, cfg.infer.input, "infer.input", "an .onnx path")
 
 
 class Printer:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgecli.artifacts import STAGES, ArtifactStore
+from edgecli.artifacts import ArtifactStore
 from edgecli.config import PipelineConfig
 from edgecli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, ModelFileError, UsageError
 from edgecli.stages import StageResult
@@ -27,13 +27,9 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 def resolve_model(cfg: PipelineConfig, store: ArtifactStore) -> Path:
     """The model file serve.input names (a stage's model.onnx, verified, or a file path)."""
-    from edgecli.stages import resolve_input
+    from edgecli.stages import resolve_model_input
 
-    ref = cfg.serve.input
-    if ref in STAGES and ref not in ("train", "compress", "export"):
-        raise ConfigError(f"serve.input: '{ref}' has no model; use export, compress, train or a model file")
-    _, path = resolve_input(store, ref, ("export", "compress", "train"), "serve.input")
-    return path
+    return resolve_model_input(store, cfg.serve.input, "serve.input", "a model file")
 
 
 def api_key(cfg: PipelineConfig) -> str | None:

@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-from edgecli import __version__
 from edgecli.artifacts import ArtifactStore, Declared, StageWriter, write_json_atomic
 from edgecli.config import PipelineConfig, dump_config
 from edgecli.errors import CheckFailed, ConfigError, EdgeError
@@ -155,34 +154,6 @@ def train_federated(cfg: PipelineConfig, splits, *, quiet: bool, resume: bool, g
     return res.model, fit, notes
 
 
-def save_model_files(w_dir: Path, model, cfg: PipelineConfig, info: dict, x_check, opset: int, atol: float,
-                     what: str) -> dict:
-    """weights.safetensors + model.onnx (with metadata), and the ORT-vs-PyTorch parity numbers."""
-    import torch
-    from safetensors.torch import save_file
-
-    from edgecli.onnxio import export_onnx, parity, set_metadata
-    from edgecli.runtimes.ort import make_session, run_batched
-    from edgecli.training import predict_logits
-
-    model = model.cpu().eval()
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(w_dir / "weights.safetensors"))
-    io = getattr(model, "onnx_io", None)
-    if io:
-        spec = io()
-        export_onnx(model, spec["example_inputs"], w_dir / "model.onnx", opset=opset,
-                    input_names=spec["input_names"], output_names=spec["output_names"], dynamic_axes=spec.get("dynamic_axes"))
-    else:
-        example = torch.as_tensor(x_check[:1])
-        export_onnx(model, (example,), w_dir / "model.onnx", opset=opset)
-    set_metadata(w_dir / "model.onnx", {"edgecli.model_info": info, "edgecli.version": __version__,
-                                         "edgecli.pipeline": cfg.name})
-    sess = make_session(w_dir / "model.onnx", threads=1)
-    ref = predict_logits(model, x_check)
-    got = run_batched(sess, x_check)
-    return parity(ref, got, atol, what)
-
-
 def _metrics(model, splits, num_classes):
     from edgecli.training import evaluate
 
@@ -241,6 +212,8 @@ def _publishable(w: StageWriter, cfg, splits, model, fitres, state: dict):
         metrics["privacy"] = fitres.privacy
     if fitres.federated is not None:
         metrics["federated"] = fitres.federated
+    from edgecli.onnxio import save_model_files
+
     par = save_model_files(w.dir, model, cfg, info, splits.test.x, cfg.train.opset, cfg.train.parity_atol,
                            "train parity (ONNX Runtime vs PyTorch on the test split)")
     write_json_atomic(w.path("metrics.json"), metrics)
