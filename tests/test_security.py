@@ -611,3 +611,16 @@ def test_7_ort_files_go_through_the_child_process_probe(tmp_path):
         resolve_input(store, str(bad), ("export",), "infer.input")
     with pytest.raises(EdgeError):
         resolve_input(store, "/dev/zero.ort", ("export",), "infer.input")
+
+
+def test_card_target_file_outside_the_bundle_is_refused(tmp_path):
+    """A hostile card.json naming a target file outside the export bundle is refused before anything opens it."""
+    from edgecli.errors import ArtifactError
+    from edgecli.runtimes.targets import target_file
+
+    for name in ("../../victim.tflite", "/etc/passwd", "..", ""):
+        card = {"targets": [{"runtime": "litert", "target": "tflite", "precision": "fp32", "file": name}]}
+        with pytest.raises(ArtifactError, match="not a plain file name"):
+            target_file(card, tmp_path, "litert")
+    card = {"targets": [{"runtime": "litert", "target": "tflite", "precision": "fp32", "file": "model.tflite"}]}
+    assert target_file(card, tmp_path, "litert") == tmp_path / "model.tflite"

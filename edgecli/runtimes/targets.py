@@ -389,7 +389,11 @@ def target_file(card: dict, export_dir: Path, runtime: str) -> Path:
         have = sorted({t.get("runtime") for t in card.get("targets", [])}) or ["onnxruntime"]
         raise ConfigError(f"infer.runtime: the export bundle has no {runtime} target (it has {', '.join(have)})",
                           hint="add it to export.targets and rerun `edgecli export`")
-    return export_dir / ts[0]["file"]
+    name = ts[0].get("file")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ArtifactError(f"{export_dir / 'card.json'}: target file {str(name)[:80]!r} is not a plain file name "
+                            "inside the export bundle; refused")
+    return export_dir / name
 
 
 def bench_entries(export_dir: Path, wanted: list[str] | None) -> tuple[list[dict], list[str]]:
