@@ -172,14 +172,15 @@ class CalibrationConfig(_Strict):
 
 
 class QuantizeConfig(_Strict):
-    mode: Literal["static", "dynamic", "fp16", "int4_weight_only", "auto"] = "static"
+    mode: Literal["static", "dynamic", "fp16", "int4_weight_only", "int8_weight_only", "auto"] = "static"
     format: Literal["qdq", "qoperator"] = "qdq"
     per_channel: bool = True
     reduce_range: bool = False
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    block_size: int = Field(32, ge=16)
+    block_size: int = Field(32, ge=16, description="int4/int8 weight-only: weights per quantization block (power of two)")
     symmetric: bool = True
-    accuracy_level: int | None = Field(None, ge=0, le=4)
+    accuracy_level: int | None = Field(
+        None, ge=0, le=4, description="weight-only: MatMulNBits compute type (default: FP32 for int4, 4 = int8 for int8)")
     nodes_to_exclude: list[str] = Field(default_factory=list)
     op_types: list[str] | None = None
     force: bool = Field(False, description="keep this mode even if it is slower than its input")
@@ -266,7 +267,7 @@ class CompressConfig(_Strict):
             if st.kind == "quantize":
                 first_q = i if first_q is None else first_q
                 q = st.quantize
-                if q.mode == "int4_weight_only" and q.block_size & (q.block_size - 1):
+                if q.mode in ("int4_weight_only", "int8_weight_only", "auto") and q.block_size & (q.block_size - 1):
                     problems.append(f"compress.steps.{i}.quantize.block_size must be a power of two >= 16 (got {q.block_size})")
                 if q.format == "qoperator" and q.mode not in ("static", "auto"):
                     problems.append(f"compress.steps.{i}.quantize.format: qoperator applies to static quantization only "
