@@ -11,7 +11,7 @@ import pytest
 
 from edgecli.budgets import compare_baseline
 from edgecli.report import pareto_front
-from edgecli.stages.bench import latency_stats
+from edgecli.runtimes.worker import latency_stats
 from tests.conftest import Pipeline, cli, write_config
 
 EASY = {"accuracy_min": 0.5, "latency_p95_ms": 10000.0, "latency_p50_ms": 10000.0, "size_kb": 100000.0,

@@ -45,6 +45,8 @@ from edgecli.config import PipelineConfig
 from edgecli.errors import ArtifactError, CheckFailed, ConfigError, ModelFileError, UsageError
 from edgecli.report import bench_tables, markdown, plot_pareto
 from edgecli.runtimes.env import environment
+from edgecli.runtimes.worker import WorkerResult, WorkerSpec, latency_stats, merge_repeats
+from edgecli.runtimes.worker import run_worker as launch_worker
 from edgecli.stages import StageResult, Table, resolve_input, run_stage
 
 STAGE = "bench"
@@ -179,20 +181,17 @@ def _write_inputs(cfg: PipelineConfig, targets: list[Target], tmp: Path) -> tupl
 # --------------------------------------------------------------------------- workers
 
 
-def run_worker(spec: dict, tmp: Path, label: str) -> dict:
-    """Measure in a fresh ``python -m edgecli.benchworker`` process; return its result dict."""
+def run_worker(spec: WorkerSpec, tmp: Path, label: str) -> WorkerResult:
+    """Measure in a fresh ``python -m edgecli.benchworker`` process; its result, or a one-line error."""
     idx = len(list(tmp.glob("spec*.json")))
-    sp, op = tmp / f"spec{idx}.json", tmp / f"out{idx}.json"
-    from edgecli.runtimes.worker import launch
-
-    res = launch(spec, sp, op, f"bench: the worker measuring {label}",
-                 omp_threads=spec["threads"] if spec["kind"] == "torch" else None)
-    if not res.get("ok"):
+    res = launch_worker(spec, tmp / f"spec{idx}.json", tmp / f"out{idx}.json", f"bench: the worker measuring {label}",
+                        omp_threads=spec.threads if spec.kind == "torch" else None)
+    if not res.ok:
         if os.environ.get("EDGECLI_DEBUG"):
-            print(res.get("traceback", ""), file=sys.stderr)
-        if res.get("user_error"):
-            raise ModelFileError(f"bench: {label}: {res['error']}")
-        raise CheckFailed(f"bench: measuring {label} failed: {res['error']}")
+            print(res.traceback or "", file=sys.stderr)
+        if res.user_error:
+            raise ModelFileError(f"bench: {label}: {res.error}")
+        raise CheckFailed(f"bench: measuring {label} failed: {res.error}")
     return res
 
 
@@ -201,46 +200,68 @@ def _where_ran(t: Target, prov: str) -> str:
     return f"{t.runtime['runtime']} {t.runtime['precision']}" if t.runtime else short_provider(prov)
 
 
-def latency_stats(lat_ns: list[int], batch: int) -> dict:
-    """Percentiles in ms of the timed runs; throughput = samples over the summed run time."""
-    a = np.asarray(lat_ns, dtype=np.float64) / 1e6
-    p50, p90, p95, p99 = np.percentile(a, [50, 90, 95, 99])
-    return {
-        "p50_ms": float(p50), "p90_ms": float(p90), "p95_ms": float(p95), "p99_ms": float(p99),
-        "mean_ms": float(a.mean()), "std_ms": float(a.std()), "min_ms": float(a.min()), "max_ms": float(a.max()),
-        "runs": int(len(a)), "throughput_sps": float(batch * len(a) / (a.sum() / 1e3)) if a.sum() > 0 else None,
-    }
-
-
 def short_provider(p: str) -> str:
     return p[: -len("ExecutionProvider")] if p.endswith("ExecutionProvider") else p
 
 
-def _merge_repeats(runs: list[dict]) -> dict:
-    """One worker result from ``bench.repeats`` fresh-process results of the same measurement.
+def _jobs(cfg: PipelineConfig, targets: list[Target], providers: list[str], xs: dict, y_path: str | None,
+          num_classes: int, notes: list[str]) -> list[tuple[Target, str, int, WorkerSpec]]:
+    """(target, provider, threads, spec) of every measurement, in table order."""
+    bc = cfg.bench
+    jobs = []
+    for t in targets:
+        for prov in (["CPUExecutionProvider"] if t.kind in ("torch", "runtime") else providers):
+            for threads in bc.threads:
+                if t.kind == "torch" and xs.get(t.label) is None:
+                    notes.append("PyTorch baseline skipped: the test split is not a numeric array")
+                    continue
+                rt = t.runtime or {}
+                spec = WorkerSpec(
+                    kind=t.kind, model=str(t.path), weights=str(t.path), model_info=t.info, providers=[prov],
+                    threads=threads, batch_sizes=list(bc.batch_sizes), warmup=bc.warmup, runs=bc.runs,
+                    min_time_s=bc.min_time_s, x=xs.get(t.label), y=y_path, accuracy_samples=bc.accuracy_samples,
+                    num_classes=(t.info or {}).get("num_classes") or num_classes, backend=rt.get("runtime"),
+                    precision=rt.get("precision"), input_names=rt.get("input_names"), embedder=rt.get("embedder"))
+                jobs.append((t, prov, threads, spec))
+    return jobs
 
-    Timed runs are pooled (results.json keeps every one, and each process's p50 and p95); cold-start and
-    import times are the median process's; peak memory is the largest (budgets stay conservative);
-    accuracy comes from the first process, the only one that scores (the model is deterministic).
-    """
-    first = runs[0]
-    res = dict(first)
-    for k in ("import_ms", "load_ms", "first_ms"):
-        vals = [r[k] for r in runs if r.get(k) is not None]
-        res[k] = float(np.median(vals)) if vals else None
-    for k in ("peak_rss_kb", "rss_before_load_kb"):
-        res[k] = max(r[k] for r in runs)
-    batches = []
-    for i, b in enumerate(first["batches"]):
-        if "skipped" in b:
-            batches.append(b)
+
+def _record(t: Target, prov: str, threads: int, res: WorkerResult, processes: int, notes: list[str]
+            ) -> tuple[dict, list[dict]]:
+    """(the measurement, its rows: one per timed batch size) of one merged worker result."""
+    if t.kind == "onnx" and prov not in res.providers_used:
+        notes.append(f"{t.label}: {short_provider(prov)} did not take the model; it ran on "
+                     f"{', '.join(short_provider(p) for p in res.providers_used)}")
+    if res.accuracy_note:
+        notes.append(f"{t.label}: timed on synthetic inputs, accuracy not measured ({res.accuracy_note})")
+    acc = (res.metrics or {}).get("accuracy")
+    m = {
+        "model": t.label, "kind": t.kind, "provider": _where_ran(t, prov), "threads": threads,
+        "providers_used": res.providers_used, "processes": processes, "import_ms": res.import_ms,
+        "load_ms": res.load_ms, "first_inference_ms": res.first_ms,
+        "cold_start_ms": (res.load_ms + res.first_ms) if res.first_ms is not None else None,
+        "peak_memory_mb": res.peak_rss_kb / 1024, "rss_before_load_mb": res.rss_before_load_kb / 1024,
+        "peak_memory_with_accuracy_mb": res.peak_rss_with_accuracy_kb / 1024,
+        "torch_imported": res.torch_imported, "synthetic_inputs": res.synthetic_inputs,
+        "accuracy_note": res.accuracy_note, "metrics": res.metrics,
+    }
+    rows = []
+    for b in res.batches:
+        if b.skipped is not None:
+            notes.append(f"{t.label}: batch {b.batch} skipped ({b.skipped})")
             continue
-        per = [r["batches"][i]["latencies_ns"] for r in runs]
-        batches.append({**b, "latencies_ns": [x for lat in per for x in lat],
-                        "p50_per_process_ms": [float(np.percentile(lat, 50)) / 1e6 for lat in per],
-                        "p95_per_process_ms": [float(np.percentile(lat, 95)) / 1e6 for lat in per]})
-    res["batches"] = batches
-    return res
+        rows.append({
+            "model": t.label, "kind": t.kind, "stage": t.stage, "path": str(t.path),
+            "provider": _where_ran(t, prov), "batch": b.batch, "threads": threads,
+            "size_bytes": t.size_bytes, "accuracy": acc, **latency_stats(b.latencies_ns, b.batch),
+            "p50_per_process_ms": b.p50_per_process_ms, "p95_per_process_ms": b.p95_per_process_ms,
+            "peak_memory_mb": m["peak_memory_mb"], "cold_start_ms": m["cold_start_ms"],
+            "latencies_ns": b.latencies_ns, **({"sequence": b.sequence} if b.sequence is not None else {}),
+        })
+        if b.sequence is not None and not any("sequence length" in n for n in notes):
+            notes.append(f"text models timed on test sentences at batch size b, padded to the "
+                         f"longest of those b (sequence length {b.sequence} at batch {b.batch})")
+    return m, rows
 
 
 def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], quiet: bool) -> tuple[list[dict], list[dict], list[str]]:
@@ -251,81 +272,30 @@ def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], qu
     30-50% on sub-millisecond models here) average out instead of deciding a comparison.
     """
     from edgecli.report import info
+    from edgecli.safeio import temp_dir
 
     bc = cfg.bench
     rows: list[dict] = []
     measurements: list[dict] = []
-    from edgecli.safeio import temp_dir
-
     with temp_dir("bench") as td:  # named by pid: the next run removes it should this one be SIGKILLed
         tmp = Path(td)
         xs, y_path, num_classes, notes = _write_inputs(cfg, targets, tmp)
-        jobs = []
-        for t in targets:
-            for prov in (["CPUExecutionProvider"] if t.kind in ("torch", "runtime") else providers):
-                for threads in bc.threads:
-                    spec = {
-                        "kind": t.kind, "model": str(t.path), "weights": str(t.path), "model_info": t.info,
-                        "providers": [prov], "threads": threads, "batch_sizes": list(bc.batch_sizes),
-                        "warmup": bc.warmup, "runs": bc.runs, "min_time_s": bc.min_time_s,
-                        "x": xs.get(t.label), "y": y_path, "accuracy_samples": bc.accuracy_samples,
-                        "num_classes": (t.info or {}).get("num_classes") or num_classes,
-                    }
-                    if t.runtime:
-                        spec.update(backend=t.runtime["runtime"], precision=t.runtime["precision"],
-                                    input_names=t.runtime["input_names"], embedder=t.runtime["embedder"])
-                    if t.kind == "torch" and spec["x"] is None:
-                        notes.append("PyTorch baseline skipped: the test split is not a numeric array")
-                        continue
-                    jobs.append((t, prov, threads, spec))
-        results: list[list[dict]] = [[] for _ in jobs]
+        jobs = _jobs(cfg, targets, providers, xs, y_path, num_classes, notes)
+        results: list[list[WorkerResult]] = [[] for _ in jobs]
         for rep in range(bc.repeats):
             for j, (t, prov, threads, spec) in enumerate(jobs):
                 if not quiet:
                     of = f" [process {rep + 1}/{bc.repeats}]" if bc.repeats > 1 else ""
                     info(f"bench: {t.label} on {short_provider(prov)}, {threads} thread(s){of}")
                 # only the first process scores accuracy: the others would repeat the same numbers
-                results[j].append(run_worker(spec if rep == 0 else {**spec, "y": None}, tmp, t.label))
+                results[j].append(run_worker(spec if rep == 0 else spec.model_copy(update={"y": None}), tmp, t.label))
         if bc.repeats > 1:
             notes.append(f"latencies pooled over {bc.repeats} fresh processes per model, run in interleaved order "
                          "(results.json keeps each process's p50 and p95)")
         for (t, prov, threads, _), runs in zip(jobs, results, strict=True):
-            res = _merge_repeats(runs)
-            if t.kind == "onnx" and prov not in res["providers_used"]:
-                notes.append(f"{t.label}: {short_provider(prov)} did not take the model; it ran on "
-                             f"{', '.join(short_provider(p) for p in res['providers_used'])}")
-            if res.get("accuracy_note"):
-                notes.append(f"{t.label}: timed on synthetic inputs, accuracy not measured ({res['accuracy_note']})")
-            acc = (res.get("metrics") or {}).get("accuracy")
-            m = {
-                "model": t.label, "kind": t.kind, "provider": _where_ran(t, prov), "threads": threads,
-                "providers_used": res["providers_used"], "processes": len(runs), "import_ms": res["import_ms"],
-                "load_ms": res["load_ms"], "first_inference_ms": res["first_ms"],
-                "cold_start_ms": (res["load_ms"] + res["first_ms"]) if res["first_ms"] is not None else None,
-                "peak_memory_mb": res["peak_rss_kb"] / 1024,
-                "rss_before_load_mb": res["rss_before_load_kb"] / 1024,
-                "peak_memory_with_accuracy_mb": res["peak_rss_with_accuracy_kb"] / 1024,
-                "torch_imported": res["torch_imported"], "synthetic_inputs": res["synthetic_inputs"],
-                "accuracy_note": res.get("accuracy_note"), "metrics": res.get("metrics"),
-            }
+            m, mrows = _record(t, prov, threads, merge_repeats(runs), len(runs), notes)
             measurements.append(m)
-            for b in res["batches"]:
-                if "skipped" in b:
-                    notes.append(f"{t.label}: batch {b['batch']} skipped ({b['skipped']})")
-                    continue
-                rows.append({
-                    "model": t.label, "kind": t.kind, "stage": t.stage, "path": str(t.path),
-                    "provider": _where_ran(t, prov), "batch": b["batch"], "threads": threads,
-                    "size_bytes": t.size_bytes, "accuracy": acc,
-                    **latency_stats(b["latencies_ns"], b["batch"]),
-                    "p50_per_process_ms": b["p50_per_process_ms"], "p95_per_process_ms": b["p95_per_process_ms"],
-                    "peak_memory_mb": m["peak_memory_mb"], "cold_start_ms": m["cold_start_ms"],
-                    "latencies_ns": b["latencies_ns"],
-                    **({"sequence": b["sequence"]} if "sequence" in b else {}),
-                })
-                if "sequence" in b and not any("sequence length" in n for n in notes):
-                    notes.append(f"text models timed on test sentences at batch size b, padded to the "
-                                 f"longest of those b (sequence length {b['sequence']} at batch {b['batch']})")
+            rows += mrows
     base = {(r["batch"], r["threads"]): r["p50_ms"] for r in rows if r["kind"] == "torch"}
     for r in rows:
         ref = base.get((r["batch"], r["threads"]))
