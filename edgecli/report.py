@@ -177,15 +177,15 @@ def env_line(env: dict) -> str:
     return f"{env['cpu_model']} ({env['usable_cpus']} usable CPUs; {flags}) · {vers}"
 
 
-def bench_tables(results: dict) -> list[tuple[str, list[str], list[list]]]:
-    """(title, columns, rows) of bench's terminal tables: the results, the server scenario, budgets, baseline."""
+def bench_tables(results: dict, serve_table: tuple[list[str], list[list]] | None = None
+                 ) -> list[tuple[str, list[str], list[list]]]:
+    """(title, columns, rows) of bench's terminal tables: the results, the server scenario (``serve_table``,
+    loadgen's columns and rows), budgets, baseline."""
     many = results["many_providers"]
     out = [(f"bench: {results['pipeline']} — {env_line(results['environment'])}",
             table_columns(many), [table_cells(r, many) for r in results["rows"]])]
-    if results.get("serve"):
-        from edgecli.loadgen import scenario_table
-
-        out.append((f"bench.serve: {results['serve']['url']}, Poisson arrivals", *scenario_table(results["serve"])))
+    if results.get("serve") and serve_table:
+        out.append((f"bench.serve: {results['serve']['url']}, Poisson arrivals", *serve_table))
     if results["budgets"]:
         out.append((f"budgets ({results['budget_model']})", ["budget", "where", "measured", "limit", "result"],
                     [[x["budget"], x["where"], fmt_budget_value(x["measured"], x["unit"]),

@@ -47,7 +47,7 @@ from edgecli.report import bench_tables, markdown, plot_pareto
 from edgecli.runtimes.env import environment
 from edgecli.runtimes.worker import WorkerResult, WorkerSpec, latency_stats, merge_repeats
 from edgecli.runtimes.worker import run_worker as launch_worker
-from edgecli.stages import StageResult, Table, resolve_input, run_stage
+from edgecli.stages import Built, StageResult, Table, resolve_input, run_stage
 
 STAGE = "bench"
 MODEL_STAGES = ("train", "compress", "export")
@@ -400,12 +400,11 @@ def _results(cfg: PipelineConfig, store: ArtifactStore, targets: list[Target], t
     return results
 
 
-def _write(cfg: PipelineConfig, w: StageWriter, results: dict) -> str:
-    """results.json, results.md and pareto.png into the stage directory; the Markdown."""
+def _write(cfg: PipelineConfig, w: StageWriter, results: dict) -> None:
+    """results.json, results.md and pareto.png into the stage directory."""
     bc = cfg.bench
     write_json_atomic(w.path("results.json"), results)
-    md = markdown(results)
-    w.path("results.md").write_text(md, encoding="utf-8")
+    w.path("results.md").write_text(markdown(results), encoding="utf-8")
     ref_batch, ref_threads = min(bc.batch_sizes), bc.threads[0]
     many = results["many_providers"]
     points = [{"label": r["model"] + (f" ({r['provider']})" if many else ""), "kind": r["kind"],
@@ -414,7 +413,6 @@ def _write(cfg: PipelineConfig, w: StageWriter, results: dict) -> str:
     plot_pareto(points, w.path("pareto.png"),
                 f"{cfg.name}: accuracy vs p50 latency (batch {ref_batch}, {ref_threads} thread"
                 f"{'s' if ref_threads != 1 else ''}; marker size = file size)")
-    return md
 
 
 def _headline(cfg: PipelineConfig, results: dict) -> dict:
@@ -429,24 +427,31 @@ def _headline(cfg: PipelineConfig, results: dict) -> dict:
     return head
 
 
-def _render(res: StageResult, results: dict, md: str) -> StageResult:
-    """Tables, notes and details from results.json; $GITHUB_STEP_SUMMARY; exit 1 on a broken budget."""
-    res.tables += [Table(title, cols, rows) for title, cols, rows in bench_tables(results)]
+def render(res: StageResult, results: dict) -> StageResult:
+    """Tables, notes and details from results.json; exit 1 on a broken budget (touches no file)."""
+    from edgecli.loadgen import scenario_table
+
+    serve = scenario_table(results["serve"]) if results.get("serve") else None
+    res.tables += [Table(title, cols, rows) for title, cols, rows in bench_tables(results, serve)]
     res.messages = results["notes"] + res.messages
     res.details = {k: v for k, v in results.items() if k != "rows"}
     res.details["rows"] = [{k: v for k, v in r.items() if k != "latencies_ns"} for r in results["rows"]]
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        try:
-            with open(summary, "a", encoding="utf-8") as f:
-                f.write(md + "\n")
-        except OSError as e:
-            res.messages.append(f"could not append to $GITHUB_STEP_SUMMARY ({e.strerror})")
     if results["failures"]:
         res.exit_code = 1
         n = len(results["failures"])
         res.failure = (f"{n} budget checks failed: " if n > 1 else "") + "; ".join(results["failures"])
     return res
+
+
+def _append_summary(res: StageResult) -> None:
+    """results.md appended to $GITHUB_STEP_SUMMARY when set (a CI job's page)."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        try:
+            with open(summary, "a", encoding="utf-8") as f:
+                f.write((res.dir / "results.md").read_text(encoding="utf-8") + "\n")
+        except OSError as e:
+            res.messages.append(f"could not append to $GITHUB_STEP_SUMMARY ({e.strerror})")
 
 
 def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet: bool = False,
@@ -460,14 +465,13 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
         raise ArtifactError("bench.budgets.max_accuracy_drop: needs the train stage's accuracy to compare with",
                             hint="run `edgecli train -c <config>` first")
     providers, skipped_info = _providers(cfg, notes)
-    fp = declare(cfg, targets)
-    state: dict = {}
 
-    def build(w: StageWriter):
+    def build(w: StageWriter) -> Built:
         results = _results(cfg, store, targets, target, providers, skipped_info, notes, base_data, baseline, quiet)
-        state.update(results=results, md=_write(cfg, w, results))
-        return cfg.section("bench"), _headline(cfg, results), {"environment": results["environment"]}
+        _write(cfg, w, results)
+        return Built(cfg.section("bench"), _headline(cfg, results), {"environment": results["environment"]}, results)
 
-    # always measure: a bench result is an observation, never "up to date"
-    res = run_stage(store, STAGE, fp, True, build, command="edgecli bench")
-    return _render(res, state["results"], state["md"])
+    # always measure (force): a bench result is an observation, never "up to date"
+    res = run_stage(store, STAGE, declare(cfg, targets), build, render, force=True, command="edgecli bench")
+    _append_summary(res)
+    return res
