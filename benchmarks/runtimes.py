@@ -120,7 +120,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per candidate (interleaved)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from edgecli.stages.bench import env_line, environment
+    from edgecli.report import env_line
+    from edgecli.runtimes.env import environment
 
     print(f"# edge runtimes side by side\n\n{env_line(environment())}")
     summary = []

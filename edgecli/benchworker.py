@@ -18,6 +18,7 @@ Order inside the worker, and what each figure covers:
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -25,6 +26,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -83,15 +85,15 @@ def _time_loop(call, warmup: int, runs: int, min_time_s: float | None) -> list[i
     return lat
 
 
-def _load_inputs(spec: dict):
+def _load_inputs(spec):
     """(x, y) from the parent's .npy files, memory-mapped so only the rows used are read."""
     x = None
-    if spec.get("x") and str(spec["x"]).endswith(".npz"):  # text: one array per model input
-        with np.load(spec["x"], allow_pickle=False) as z:
+    if spec.x and str(spec.x).endswith(".npz"):  # text: one array per model input
+        with np.load(spec.x, allow_pickle=False) as z:
             x = {k: z[k] for k in z.files}
-    elif spec.get("x"):
-        x = np.load(spec["x"], mmap_mode="r")
-    y = np.load(spec["y"]) if spec.get("y") else None
+    elif spec.x:
+        x = np.load(spec.x, mmap_mode="r")
+    y = np.load(spec.y) if spec.y else None
     return x, y
 
 
@@ -135,9 +137,9 @@ def _fit_note(inputs, x) -> str | None:
     return None
 
 
-def _seq_note(feed: dict) -> dict:
+def _seq_note(feed) -> dict:
     """The sequence length a text model was timed at (test rows trimmed to their longest)."""
-    mask = feed.get("attention_mask")
+    mask = feed.get("attention_mask") if isinstance(feed, dict) else None
     return {"sequence": int(mask.shape[1])} if mask is not None and mask.ndim == 2 else {}
 
 
@@ -146,172 +148,209 @@ def _fixed_batch(inp) -> int | None:
     return d if isinstance(d, int) and d > 0 else None
 
 
-def measure_onnx(spec: dict) -> dict:
-    t0 = time.perf_counter()
-    import onnxruntime  # noqa: F401 - timed on its own: part of a deployer's cold start
+# --------------------------------------------------------------------------- the one measure loop
 
+
+def measure_loop(spec, call, feed_for, scores=None, y=None) -> dict:
+    """Steps 2-5 of the module docstring, the same for every kind of worker.
+
+    ``feed_for(b)`` is the prepared input of batch size ``b`` (or a str: why ``b`` is skipped);
+    ``call(feed)`` runs it; ``scores(n)`` the model's outputs on the first ``n`` test rows (None: no
+    accuracy). Returns the WorkerResult fields it measured: first_ms, batches, peak memory, metrics.
+    """
+    first_ms, batches = None, []
+    for b in spec.batch_sizes:
+        feed = feed_for(b)
+        if isinstance(feed, str):
+            batches.append({"batch": b, "skipped": feed})
+            continue
+        if first_ms is None:
+            t0 = time.perf_counter()
+            call(feed)
+            first_ms = (time.perf_counter() - t0) * 1e3
+        lat = _time_loop(lambda feed=feed: call(feed), spec.warmup, spec.runs, spec.min_time_s)
+        batches.append({"batch": b, "latencies_ns": lat, **_seq_note(feed)})
+    peak = _peak_rss_kb()
+    metrics = None
+    if scores is not None and y is not None:
+        n = spec.accuracy_samples or len(y)
+        metrics = _metrics(scores(n), np.asarray(y[:n]), spec.num_classes)
+    return {"first_ms": first_ms, "batches": batches, "peak_rss_kb": peak,
+            "peak_rss_with_accuracy_kb": _peak_rss_kb(), "metrics": metrics}
+
+
+def _timed(fn):
+    """(fn(), milliseconds it took): imports and model loads, parts of a deployer's cold start."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t0) * 1e3
+
+
+def _shape(s) -> list:
+    return [d if isinstance(d, int) else str(d) for d in s]
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+def measure_onnx(spec) -> dict:
+    _, import_ms = _timed(lambda: __import__("onnxruntime"))
     from edgecli.runtimes.feeds import synthetic_input
     from edgecli.runtimes.ort import make_session, run_batched
 
-    import_ms = (time.perf_counter() - t0) * 1e3
     x, y = _load_inputs(spec)
     rss_before = _rss_kb()
-    t0 = time.perf_counter()
-    sess = make_session(spec["model"], threads=spec["threads"], providers=spec["providers"])
-    load_ms = (time.perf_counter() - t0) * 1e3
+    sess, load_ms = _timed(lambda: make_session(spec.model, threads=spec.threads, providers=spec.providers))
     inputs = sess.get_inputs()
     note = _fit_note(inputs, x)
     rng = np.random.default_rng(0)
-    batch_sizes = spec["batch_sizes"]
     fixed = _fixed_batch(inputs[0]) if len(inputs) == 1 else None
+    dtype = ORT_DTYPES.get(inputs[0].type, np.float32)
 
-    def feed_for(b: int) -> dict:
+    def feed_for(b: int):
+        if fixed is not None and b != fixed:
+            return f"model has a fixed batch size of {fixed}"
         if note is None and isinstance(x, dict):
             return _dict_batch(x, inputs, b)
         if note is None:
-            xb = np.asarray(x[:b], dtype=ORT_DTYPES.get(inputs[0].type, np.float32))
+            xb = np.asarray(x[:b], dtype=dtype)
             if len(xb) < b:  # fewer test samples than the batch: repeat them
                 xb = np.ascontiguousarray(np.resize(xb, (b, *xb.shape[1:])))
             return {inputs[0].name: np.ascontiguousarray(xb)}
         return {i.name: synthetic_input(i.shape, ORT_DTYPES.get(i.type, np.float32), batch=b, rng=rng)
                 for i in inputs}
 
-    runnable = [b for b in batch_sizes if fixed is None or b == fixed]
-    first_ms = None
-    batches = []
-    for b in batch_sizes:
-        if b not in runnable:
-            batches.append({"batch": b, "skipped": f"model has a fixed batch size of {fixed}"})
-            continue
-        feed = feed_for(b)
-        if first_ms is None:
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            first_ms = (time.perf_counter() - t0) * 1e3
-        lat = _time_loop(lambda feed=feed: sess.run(None, feed), spec["warmup"], spec["runs"], spec.get("min_time_s"))
-        batches.append({"batch": b, "latencies_ns": lat, **_seq_note(feed)})
-    peak = _peak_rss_kb()
-
-    metrics = None
     embedder = sess.get_outputs()[0].name == "embedding"
+    scores = None
+    if isinstance(x, dict):
+        scores = lambda n: run_batched(sess, {k: v[:n] for k, v in x.items()}, 256,  # noqa: E731
+                                       prepare=lambda f: _dict_batch(f, inputs, len(next(iter(f.values())))))
+    elif x is not None:
+        scores = lambda n: run_batched(sess, x[:n], 256, fixed_batch=fixed, dtype=dtype)  # noqa: E731
+    m = measure_loop(spec, lambda feed: sess.run(None, feed), feed_for, None if note or embedder else scores, y)
     if embedder:
         note = "an embedding model: no class scores to measure accuracy on (compress reports its cosine fidelity)"
-    if note is None and y is not None and isinstance(x, dict):
-        n = spec.get("accuracy_samples") or len(y)
-        logits = run_batched(sess, {k: v[:n] for k, v in x.items()}, 256,
-                             prepare=lambda f: _dict_batch(f, inputs, len(next(iter(f.values())))))
-        metrics = _metrics(logits, y[:n], spec.get("num_classes"))
-    elif note is None and y is not None:
-        n = spec.get("accuracy_samples") or len(y)
-        dtype = ORT_DTYPES.get(inputs[0].type, np.float32)
-        logits = run_batched(sess, x[:n], 256, fixed_batch=fixed, dtype=dtype)
-        metrics = _metrics(logits, y[:n], spec.get("num_classes"))
     return {
         "providers_used": sess.get_providers(),
-        "input": {"name": inputs[0].name, "shape": [d if isinstance(d, int) else str(d) for d in inputs[0].shape],
-                  "type": inputs[0].type},
-        "synthetic_inputs": note is not None and not embedder,
-        "accuracy_note": note,
-        "import_ms": import_ms, "load_ms": load_ms, "first_ms": first_ms,
-        "rss_before_load_kb": rss_before, "peak_rss_kb": peak, "peak_rss_with_accuracy_kb": _peak_rss_kb(),
-        "batches": batches, "metrics": metrics,
+        "input": {"name": inputs[0].name, "shape": _shape(inputs[0].shape), "type": inputs[0].type},
+        "synthetic_inputs": note is not None and not embedder, "accuracy_note": note,
+        "import_ms": import_ms, "load_ms": load_ms, "rss_before_load_kb": rss_before, **m,
     }
 
 
 # --------------------------------------------------------------------------- PyTorch eager
 
 
-def measure_torch(spec: dict) -> dict:
-    threads = int(spec["threads"])
-    t0 = time.perf_counter()
-    import torch
+def measure_torch(spec) -> dict:
+    threads = int(spec.threads)
 
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # only settable once, before any parallel work
-        pass
+    def _import():
+        import torch
 
-    import_ms = (time.perf_counter() - t0) * 1e3
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # only settable once, before any parallel work
+            pass
+        return torch
+
+    torch, import_ms = _timed(_import)
     x, y = _load_inputs(spec)
     if x is None:
         raise ValueError("the PyTorch baseline needs the test split")
-    info = spec["model_info"]
-    if isinstance(x, dict):
-        return _measure_torch_text(spec, x, y, info, import_ms, threads)
+    info = spec.model_info
+    text = isinstance(x, dict)
+    names = list(info.get("input_names") or ["input_ids", "attention_mask"]) if text else []
     rss_before = _rss_kb()
-    model, load_ms = _load_torch_model(spec, info)
-    first_ms = None
-    batches = []
-    with torch.inference_mode():
-        for b in spec["batch_sizes"]:
-            xb = np.ascontiguousarray(np.resize(np.asarray(x[:b], dtype=np.float32), (b, *x.shape[1:])))
-            tb = torch.from_numpy(xb)
-            if first_ms is None:
-                t0 = time.perf_counter()
-                model(tb)
-                first_ms = (time.perf_counter() - t0) * 1e3
-            lat = _time_loop(lambda tb=tb: model(tb), spec["warmup"], spec["runs"], spec.get("min_time_s"))
-            batches.append({"batch": b, "latencies_ns": lat})
-        peak = _peak_rss_kb()
-        metrics = None
-        if y is not None:
-            n = spec.get("accuracy_samples") or len(y)
+    model, load_ms = _timed(lambda: _load_torch_model(spec, info))
+    if text:  # the same test rows as the ONNX text models, trimmed the same way
+        inputs = [_Int64Input(n) for n in names]
+
+        def call(feed):
+            return model(*[torch.from_numpy(feed[n]) for n in names])
+
+        def feed_for(b):
+            return _dict_batch(x, inputs, b)
+
+        def scores(n):
+            return np.concatenate([call(_dict_batch({k: v[i : i + 256] for k, v in x.items()}, inputs,
+                                                    min(256, n - i))).float().numpy() for i in range(0, n, 256)])
+
+        shown = {"name": ",".join(names), "shape": ["batch", "sequence"], "type": "int64"}
+    else:
+        call = model
+
+        def feed_for(b):
+            return torch.from_numpy(np.ascontiguousarray(np.resize(np.asarray(x[:b], dtype=np.float32), (b, *x.shape[1:]))))
+
+        def scores(n):
             xs = np.asarray(x[:n], dtype=np.float32)
-            logits = np.concatenate([model(torch.from_numpy(np.ascontiguousarray(xs[i : i + 256]))).float().numpy()
-                                     for i in range(0, n, 256)])
-            metrics = _metrics(logits, y[:n], spec.get("num_classes"))
-    return {
-        "providers_used": ["torch-cpu"], "input": {"name": "x", "shape": ["batch", *list(x.shape[1:])], "type": "float32"},
-        "synthetic_inputs": False, "accuracy_note": None,
-        "import_ms": import_ms, "load_ms": load_ms, "first_ms": first_ms,
-        "rss_before_load_kb": rss_before, "peak_rss_kb": peak, "peak_rss_with_accuracy_kb": _peak_rss_kb(),
-        "batches": batches, "metrics": metrics, "torch_threads": torch.get_num_threads(),
-    }
+            return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(xs[i : i + 256]))).float().numpy()
+                                   for i in range(0, n, 256)])
 
-
-def _measure_torch_text(spec: dict, x: dict, y, info: dict, import_ms: float, threads: int) -> dict:
-    """PyTorch eager baseline of a text model: the same test rows, trimmed the same way."""
-    import torch
-
-
-    names = list(info.get("input_names") or ["input_ids", "attention_mask"])
-    rss_before = _rss_kb()
-    model, load_ms = _load_torch_model(spec, info)
-
-    class _I:  # the names and dtypes _dict_batch needs
-        def __init__(self, name):
-            self.name, self.type = name, "tensor(int64)"
-
-    inputs = [_I(n) for n in names]
-
-    def call(feed):
-        return model(*[torch.from_numpy(feed[n]) for n in names])
-
-    first_ms, batches = None, []
+        shown = {"name": "x", "shape": ["batch", *list(x.shape[1:])], "type": "float32"}
     with torch.inference_mode():
-        for b in spec["batch_sizes"]:
-            feed = _dict_batch(x, inputs, b)
-            if first_ms is None:
-                t0 = time.perf_counter()
-                call(feed)
-                first_ms = (time.perf_counter() - t0) * 1e3
-            lat = _time_loop(lambda feed=feed: call(feed), spec["warmup"], spec["runs"], spec.get("min_time_s"))
-            batches.append({"batch": b, "latencies_ns": lat, **_seq_note(feed)})
-        peak = _peak_rss_kb()
-        metrics = None
-        if y is not None:
-            n = spec.get("accuracy_samples") or len(y)
-            logits = np.concatenate([call(_dict_batch({k: v[i : i + 256] for k, v in x.items()}, inputs,
-                                                      min(256, n - i))).float().numpy() for i in range(0, n, 256)])
-            metrics = _metrics(logits, y[:n], spec.get("num_classes"))
+        m = measure_loop(spec, call, feed_for, scores, y)
     return {
-        "providers_used": ["torch-cpu"], "input": {"name": ",".join(names), "shape": ["batch", "sequence"], "type": "int64"},
-        "synthetic_inputs": False, "accuracy_note": None,
-        "import_ms": import_ms, "load_ms": load_ms, "first_ms": first_ms,
-        "rss_before_load_kb": rss_before, "peak_rss_kb": peak, "peak_rss_with_accuracy_kb": _peak_rss_kb(),
-        "batches": batches, "metrics": metrics, "torch_threads": torch.get_num_threads(),
+        "providers_used": ["torch-cpu"], "input": shown, "synthetic_inputs": False, "accuracy_note": None,
+        "import_ms": import_ms, "load_ms": load_ms, "rss_before_load_kb": rss_before, **m,
+        "torch_threads": torch.get_num_threads(),
     }
+
+
+class _Int64Input:  # the name and dtype _dict_batch needs of a text model's input
+    def __init__(self, name):
+        self.name, self.type = name, "tensor(int64)"
+
+
+def _load_torch_model(spec, info: dict):
+    """The trained PyTorch model for the eager baseline (built from model_info, weights loaded)."""
+    from edgecli.models import build_from_info
+    from edgecli.training import load_weights_file
+
+    model = build_from_info(info)
+    model.load_state_dict(load_weights_file(Path(spec.weights)))
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------- any runtime of the runtime layer
+
+
+def measure_runtime(spec) -> dict:
+    """``"kind": "runtime"``: LiteRT, ExecuTorch, OpenVINO, ... through ``edgecli.runtimes``."""
+    backend, import_ms = _timed(lambda: importlib.import_module("edgecli.runtimes").require(spec.backend))
+    x, y = _load_inputs(spec)
+    rss_before = _rss_kb()
+    sess, load_ms = _timed(lambda: backend.open(spec.model, threads=int(spec.threads), precision=spec.precision))
+    names = list(spec.input_names or [i.name for i in sess.inputs])
+
+    def feed_for(b: int, rows=x) -> dict:
+        if isinstance(rows, dict):
+            feed = {k: np.ascontiguousarray(np.resize(np.asarray(rows[k][:b]), (b, *rows[k].shape[1:])))
+                    for k in names if k in rows}
+            return _trim(feed)
+        xb = np.asarray(rows[:b], dtype=np.float32)
+        return {names[0]: np.ascontiguousarray(np.resize(xb, (b, *xb.shape[1:])))}
+
+    def scores(n: int, step: int = 64):
+        return np.concatenate([np.asarray(sess.run(feed_for(min(step, n - i), _rows(x, i, i + step)))[0])
+                               for i in range(0, n, step)])
+
+    embedder = spec.embedder or (sess.outputs and sess.outputs[0].name == "embedding")
+    m = measure_loop(spec, sess.run, feed_for, None if embedder else scores, y)
+    note = "an embedding model: no class scores to measure accuracy on (export reports its cosine)" if embedder else None
+    return {
+        "providers_used": [f"{backend.name}"], "runtime": backend.name, "runtime_version": backend.version(),
+        "precision": getattr(sess, "precision", spec.precision), "ran_precision": getattr(sess, "ran_precision", None),
+        "input": {"name": names[0], "shape": _shape(sess.inputs[0].shape), "type": str(sess.inputs[0].dtype)},
+        "synthetic_inputs": False, "accuracy_note": note,
+        "import_ms": import_ms, "load_ms": load_ms, "rss_before_load_kb": rss_before, **m,
+    }
+
+
+def _rows(x, i: int, j: int):
+    return {k: v[i:j] for k, v in x.items()} if isinstance(x, dict) else x[i:j]
 
 
 def _metrics(logits: np.ndarray, y: np.ndarray, num_classes: int | None) -> dict:
@@ -345,42 +384,41 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+MEASURE = {"onnx": measure_onnx, "torch": measure_torch, "runtime": measure_runtime}
+
+
 def main(argv: list[str]) -> int:
-    """Run one measurement; the result (or the error) goes to OUT.json, exit status 0 either way."""
+    """Run one measurement; the WorkerResult (or the error) goes to OUT.json, exit status 0 either way.
+
+    The spec is a WorkerSpec (edgecli.runtimes.worker) as JSON, read here as plain attributes: the
+    parent validated it, and pydantic is imported only once the memory figures are taken."""
     die_with_parent()
     spec_path, out_path = Path(argv[0]), Path(argv[1])
-    spec = json.loads(spec_path.read_text())
+    spec = SimpleNamespace(**json.loads(spec_path.read_text()))
     try:
-        if spec["kind"] == "runtime":  # any backend of the runtime layer (LiteRT, ExecuTorch, OpenVINO, ...)
-            from edgecli.runtimes.worker import measure_runtime
-
-            res = measure_runtime(spec)
-        else:
-            res = measure_torch(spec) if spec["kind"] == "torch" else measure_onnx(spec)
+        res = MEASURE[spec.kind](spec)
         res["ok"] = True
     except Exception as e:  # noqa: BLE001 - reported to the parent, which turns it into a one-line error
-        from edgecli.errors import EdgeError
-
-        msg = e.message if isinstance(e, EdgeError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        res = {"ok": False, "error": msg, "user_error": isinstance(e, EdgeError), "traceback": traceback.format_exc()}
+        res = _error(e)
     res["torch_imported"] = "torch" in sys.modules
     res["pid"] = os.getpid()
+    from edgecli.runtimes.worker import WorkerResult
+
+    try:
+        res = WorkerResult.model_validate(res).model_dump()
+    except Exception as e:  # noqa: BLE001 - a result that breaks the contract is this worker's bug: say so
+        res = {**_error(e), "torch_imported": res["torch_imported"], "pid": res["pid"]}
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text(json.dumps(res))
     os.replace(tmp, out_path)
     return 0
 
 
-def _load_torch_model(spec: dict, info: dict):
-    """The trained PyTorch model for the eager baseline, and how long building + loading took (ms)."""
-    from edgecli.models import build_from_info
-    from edgecli.training import load_weights_file
+def _error(e: Exception) -> dict:
+    from edgecli.errors import EdgeError
 
-    t0 = time.perf_counter()
-    model = build_from_info(info)
-    model.load_state_dict(load_weights_file(Path(spec["weights"])))
-    model.eval()
-    return model, (time.perf_counter() - t0) * 1e3
+    msg = e.message if isinstance(e, EdgeError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return {"ok": False, "error": msg, "user_error": isinstance(e, EdgeError), "traceback": traceback.format_exc()}
 
 
 if __name__ == "__main__":

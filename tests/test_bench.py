@@ -9,7 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from edgecli.stages.bench import compare_baseline, latency_stats, pareto_front
+from edgecli.budgets import compare_baseline
+from edgecli.report import pareto_front
+from edgecli.runtimes.worker import latency_stats
 from tests.conftest import Pipeline, cli, write_config
 
 EASY = {"accuracy_min": 0.5, "latency_p95_ms": 10000.0, "latency_p50_ms": 10000.0, "size_kb": 100000.0,

@@ -259,7 +259,7 @@ def test_4_fifos_and_devices_are_refused_at_once_everywhere(tmp_path):
         import io, sys
         from edgecli.errors import EdgeError
         from edgecli.config import load_config
-        from edgecli.stages.bench import load_baseline
+        from edgecli.budgets import load_baseline
         from edgecli.inputs import reader_for
         spec = {{"kind": "table", "raw_shape": [4], "input_shape": [4]}}
         rd = reader_for({{"kind": "table", "preprocess": spec}}, [{{"name": "x", "shape": [None, 4], "dtype": "float32"}}])
@@ -351,7 +351,7 @@ def test_5_malformed_manifests_and_baselines_are_refused_up_front(tmp_path):
         with pytest.raises(ArtifactError, match="manifest"):
             store.manifest("train")
         assert not store.verify("train")
-    from edgecli.stages.bench import load_baseline
+    from edgecli.budgets import load_baseline
 
     for rows in ([{"model": "train", "p95_ms": "fast"}], ["row"], [{"model": "train", "provider": "CPU", "batch": 1,
                                                                     "threads": 1, "p95_ms": -1}]):

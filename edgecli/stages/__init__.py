@@ -1,6 +1,22 @@
 """One module per stage, each exposing ``run(cfg, store, ...) -> StageResult``.
 
-Shared pieces are plain functions here: the result type and the publish-or-skip wrapper.
+Shared pieces are plain functions here: the result type and the one run skeleton, ``run_stage``.
+A stage's ``run`` checks its config, declares its inputs, and hands two functions to ``run_stage``::
+
+    def run(cfg, store, *, force=False, quiet=False):
+        decl = declare(cfg)                                   # artifacts.Declared: the fingerprint
+        def build(w: StageWriter) -> Built:                   # writes into w.dir; returns what it made
+            ...
+            return Built(cfg.section("x"), metrics, view=report)
+        return run_stage(store, "x", decl, build, render, force=force)
+
+    def render(res: StageResult, view) -> StageResult:        # tables, details, messages, exit code
+        ...
+
+``render`` is one function for a fresh run and a skipped one alike: ``view`` is ``Built.view`` when
+the stage ran, and ``load(stage_dir)`` when it was up to date (None without ``load``). It reads
+``res`` and ``view`` and touches no file. A stage that publishes nothing (infer, serve) passes
+``inputs=None``: no lock, no stage directory, ``build(None)``.
 """
 
 from __future__ import annotations
@@ -61,9 +77,50 @@ def skipped_result(store: ArtifactStore, stage: str) -> StageResult:
     )
 
 
-def run_stage(store: ArtifactStore, stage: str, fingerprint: str | Declared | Callable[[], str | Declared], force: bool,
-              build: Callable[[StageWriter], tuple[dict, dict, dict]], *, command: str = "") -> StageResult:
-    """Lock the run, skip when up to date, build into a temp dir, publish atomically.
+@dataclass
+class Built:
+    """What a stage's ``build`` returns: the manifest's parts, and what ``render`` shows."""
+
+    config: dict = field(default_factory=dict)  # the stage's config section, as recorded
+    metrics: dict = field(default_factory=dict)  # headline metrics (manifest and StageResult)
+    extra: dict = field(default_factory=dict)  # further manifest fields
+    view: Any = None  # for render: the stage's report, results or card
+    notes: list[str] = field(default_factory=list)  # shown on stderr before the run's own messages
+
+
+def run_stage(store: ArtifactStore, name: str, inputs: Declared | Callable[[], Declared] | None,
+              build: Callable[[StageWriter | None], Built], render: Callable[[StageResult, Any], StageResult], *,
+              force: bool = False, command: str = "", load: Callable[[Path], Any] | None = None) -> StageResult:
+    """The one run skeleton: lock, fingerprint from the declared ``inputs``, skip or build, publish, render.
+
+    ``inputs`` (or a function returning it, called with the lock held) is the stage's
+    ``artifacts.Declared`` record; None for a stage that publishes nothing. ``build(writer)`` writes
+    into ``writer.dir`` and returns a ``Built``; anything it raises discards the temp dir. ``render(res,
+    view)`` fills the result's tables and messages, for "done" (view = ``Built.view``) and "skipped"
+    (view = ``load(stage dir)``) alike. See the module docstring for a whole stage.
+    """
+    t0 = time.time()
+    if inputs is None:
+        built = build(None)
+        res = StageResult(name, "done", None, time.time() - t0, metrics=built.metrics, messages=list(built.notes))
+        return render(res, built.view)
+    made: list[Built] = []
+
+    def _build(w: StageWriter) -> tuple[dict, dict, dict]:
+        made.append(build(w))
+        return made[0].config, made[0].metrics, made[0].extra
+
+    res = publish_stage(store, name, inputs, force, _build, command=command)
+    if made:
+        res.messages = made[0].notes + res.messages
+        return render(res, made[0].view)
+    return render(res, load(res.dir) if load is not None and res.dir is not None else None)
+
+
+def publish_stage(store: ArtifactStore, stage: str, fingerprint: str | Declared | Callable[[], str | Declared],
+                  force: bool, build: Callable[[StageWriter], tuple[dict, dict, dict]], *,
+                  command: str = "") -> StageResult:
+    """Lock the run, skip when up to date, build into a temp dir, publish atomically (``run_stage``'s core).
 
     ``build(writer)`` writes files into ``writer.dir`` and returns (config_section, metrics, extra
     manifest fields). Any exception (or Ctrl-C) discards the temp dir: nothing half-written is published.

@@ -18,7 +18,8 @@ from edgecli.artifacts import ArtifactStore, Declared, StageWriter, write_json_a
 from edgecli.config import PipelineConfig
 from edgecli.errors import ArtifactError, ConfigError, DataError
 from edgecli.safeio import temp_dir as _temp_dir
-from edgecli.stages import StageResult, Table, run_stage
+from edgecli.stages import StageResult, Table
+from edgecli.stages import publish_stage as run_stage  # the tuple form, until this stage moves to run_stage
 
 STAGE = "compress"
 TORCH_STEPS = ("prune", "distill", "sparsity")

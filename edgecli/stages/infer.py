@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from edgecli.artifacts import ArtifactStore
 from edgecli.config import PipelineConfig
 from edgecli.errors import ModelFileError, UsageError
 from edgecli.predict import Model, dumps, top_k
-from edgecli.stages import StageResult, Table
+from edgecli.stages import Built, StageResult, Table, run_stage
 
 STAGE = "infer"
 
@@ -143,19 +143,21 @@ def _answer(model: Model, printer: Printer, samples: list, batch_size: int) -> N
     flush()
 
 
-def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet: bool = False,
-        inputs: list[str] | None = None, json_out_stream: bool = False, top_k_override: int | None = None,
-        **_: object) -> StageResult:
-    """Answer every input; exit code 1 when any input failed. Nothing is published."""
-    from edgecli.inputs import reader_for
-    from edgecli.report import info as log_info
+@dataclass
+class Answered:
+    """What one infer run did: render's view."""
 
-    t0 = time.time()
-    inputs = list(inputs or [])
-    if not inputs:
-        raise UsageError("infer: no inputs; give image/.npy/.csv files, sentences, or - for JSON lines on stdin")
-    if inputs.count("-") > 1:
-        raise UsageError("infer: '-' (stdin) given more than once")
+    path: Path
+    sha256: str
+    k: int
+    rows: list[list]  # the table for people (empty with --json, a stream, or a closed stdout)
+    ok: int
+    failed: int
+    closed: bool  # the reader closed stdout mid-run
+
+
+def _open(cfg: PipelineConfig, store: ArtifactStore) -> Model:
+    """The model infer.input names, through infer.runtime; usage errors for what infer cannot rank."""
     path = resolve_model(cfg, store)
     if cfg.infer.runtime and cfg.infer.runtime != "onnxruntime" and path.name == "model.onnx" and cfg.infer.input == "export":
         from edgecli.runtimes.targets import card_for, target_file
@@ -168,20 +170,15 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
         # top-k of a softmax over embedding dimensions would look like an answer and mean nothing
         raise UsageError(f"infer: {path} is an embedding model (output 'embedding', no labels); "
                          "it has no classes to rank — use bench for its fidelity, or a classifier config")
-    reader = reader_for(model.info, model.inputs)
-    k = top_k_override or cfg.infer.top_k
-    if model.labels:
-        k = min(k, len(model.labels))  # --top-k 20 on 10 classes: all 10
-    stream = "-" in inputs
-    printer = Printer(json_out_stream, model, k, stream)
-    if not quiet:
-        log_info(f"infer: {path} (sha256 {model.sha256[:16]}...)")
+    return model
+
+
+def _serve_inputs(cfg: PipelineConfig, model: Model, reader, printer: Printer, inputs: list[str]) -> bool:
+    """Answer the files (batched), then stdin's lines one by one; True when the reader closed stdout."""
     files = [a for a in inputs if a != "-"]
-    # files first, batched; then the stream, one request at a time as lines arrive
-    closed = False
     try:
         _answer(model, printer, [reader.argument(a) for a in files], cfg.infer.batch_size)
-        if stream:
+        if "-" in inputs:
             for lineno, line in enumerate(sys.stdin, start=1):
                 if not line.strip():
                     continue
@@ -189,21 +186,52 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     except BrokenPipeError:
         # the reader went away (`| head`, a closed socket): the end of the session, not an error;
         # stdout goes to /dev/null so the interpreter's last flush does not complain either
-        closed = True
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    res = StageResult(STAGE, "done", None, time.time() - t0)
-    if closed:
-        res.messages.append(f"infer: stdout was closed after {printer.ok} answer(s); stopped")
-        printer.rows.clear()
-    res.metrics = {"answered": printer.ok, "failed": printer.failed, "model": str(path), "model_sha256": model.sha256}
-    if printer.rows:
-        res.tables.append(Table(f"predictions ({path.name}, sha256 {model.sha256[:12]})",
-                                ["input", "label", "prob", f"next {k - 1}" if k > 1 else "next", "batch ms"],
-                                printer.rows))
-    if printer.failed:
+        return True
+    return False
+
+
+def render(res: StageResult, a: Answered) -> StageResult:
+    """The predictions table, the closed-stdout and failure lines, exit 1 when any input failed."""
+    if a.closed:
+        res.messages.append(f"infer: stdout was closed after {a.ok} answer(s); stopped")
+    if a.rows and not a.closed:
+        res.tables.append(Table(f"predictions ({a.path.name}, sha256 {a.sha256[:12]})",
+                                ["input", "label", "prob", f"next {a.k - 1}" if a.k > 1 else "next", "batch ms"],
+                                a.rows))
+    if a.failed:
         res.exit_code = 1
-        res.messages.append(f"infer: {printer.failed} of {printer.ok + printer.failed} input(s) failed; "
-                            f"{printer.ok} answered")
+        res.messages.append(f"infer: {a.failed} of {a.ok + a.failed} input(s) failed; {a.ok} answered")
     return res
+
+
+def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet: bool = False,
+        inputs: list[str] | None = None, json_out_stream: bool = False, top_k_override: int | None = None,
+        **_: object) -> StageResult:
+    """Answer every input; exit code 1 when any input failed. Nothing is published."""
+    from edgecli.inputs import reader_for
+    from edgecli.report import info as log_info
+
+    inputs = list(inputs or [])
+
+    def build(_w) -> Built:
+        if not inputs:
+            raise UsageError("infer: no inputs; give image/.npy/.csv files, sentences, or - for JSON lines on stdin")
+        if inputs.count("-") > 1:
+            raise UsageError("infer: '-' (stdin) given more than once")
+        model = _open(cfg, store)
+        reader = reader_for(model.info, model.inputs)
+        k = top_k_override or cfg.infer.top_k
+        if model.labels:
+            k = min(k, len(model.labels))  # --top-k 20 on 10 classes: all 10
+        printer = Printer(json_out_stream, model, k, "-" in inputs)
+        if not quiet:
+            log_info(f"infer: {model.path} (sha256 {model.sha256[:16]}...)")
+        closed = _serve_inputs(cfg, model, reader, printer, inputs)  # files first, batched; then the stream
+        metrics = {"answered": printer.ok, "failed": printer.failed, "model": str(model.path), "model_sha256": model.sha256}
+        return Built(metrics=metrics, view=Answered(model.path, model.sha256, k, printer.rows, printer.ok,
+                                                    printer.failed, closed))
+
+    return run_stage(store, STAGE, None, build, render)

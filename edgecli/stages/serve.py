@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgecli.artifacts import ArtifactStore
 from edgecli.config import PipelineConfig
 from edgecli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, ModelFileError, UsageError
-from edgecli.stages import StageResult
+from edgecli.stages import Built, StageResult, run_stage
 
 STAGE = "serve"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -44,6 +44,32 @@ def api_key(cfg: PipelineConfig) -> str | None:
     return key.strip()
 
 
+@dataclass
+class Stopped:
+    """How the server ended: render's view."""
+
+    by: object  # the signal that stopped it, or None
+    ready: bool  # it listened at all
+    accepted: int
+    answered: int
+    refused: int
+
+
+def render(res: StageResult, s: Stopped) -> StageResult:
+    """How the server stopped, and the exit code that calls for (143 SIGTERM, 130 SIGINT, 1 never started)."""
+    why = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}.get(s.by, "its own end")
+    res.messages.append(f"serve: stopped by {why}; answered {s.answered} of {s.accepted} accepted "
+                        f"request(s), {s.refused} refused at the queue limit")
+    if s.by == signal.SIGTERM:
+        res.exit_code = EXIT_TERMINATED
+    elif s.by == signal.SIGINT:
+        res.exit_code = EXIT_INTERRUPTED
+    elif not s.ready:
+        res.exit_code = 1
+        res.messages.append("serve: the server did not start (see the lines above)")
+    return res
+
+
 def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet: bool = False,
         host: str = "127.0.0.1", port: int = 8080, **_: object) -> StageResult:
     """Load the model, serve until a signal, return the exit code the signal calls for."""
@@ -57,46 +83,38 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise UsageError(f"serve: {e.name} is not installed; pip install -e '.[serve]'") from None
-    t0 = time.time()
-    sc = cfg.serve
-    key = api_key(cfg)
-    if not 0 <= port <= 65535:
-        raise UsageError(f"serve: --port {port} is not a TCP port (0-65535; 0 picks a free one)")
-    path = resolve_model(cfg, store)
-    model = Model(path, sc.threads, sc.providers, runtime=sc.runtime)
-    if not model.inputs:
-        raise ModelFileError(f"{path}: the model has no inputs")
-    if model.is_embedding():
-        raise UsageError(f"serve: {path} is an embedding model (output 'embedding', no labels); it has no classes to rank")
-    reader = reader_for(model.info, model.inputs)
-    k = min(sc.top_k, len(model.labels)) if model.labels else sc.top_k
-    batcher = serving.Batcher(model, k=k, max_batch=sc.max_batch, max_wait_ms=sc.max_wait_ms,
-                              queue_limit=sc.queue_limit)
-    app = serving.App(model, reader, batcher, serving.Settings(sc.max_request_bytes, key, sc.allow_path))
-    sock = serving.bind(host, port)
-    where = sock.getsockname()
-    url = f"http://{'[' + where[0] + ']' if ':' in where[0] else where[0]}:{where[1]}"
-    if host not in LOOPBACK and not quiet:
-        log_info(f"serve: listening on {host}, not loopback: every host that can reach it can call it"
-                 + ("" if key else " (no serve.api_key_env set: no key needed)"))
 
-    def listening():
-        # always printed (also with -q): the one line a supervisor or a test reads the port from
-        print(f"serve: ready on {url} ({path}, sha256 {model.sha256[:16]}..., {model.runtime})",
-              file=sys.stderr, flush=True)
+    def build(_w) -> Built:
+        sc = cfg.serve
+        key = api_key(cfg)
+        if not 0 <= port <= 65535:
+            raise UsageError(f"serve: --port {port} is not a TCP port (0-65535; 0 picks a free one)")
+        path = resolve_model(cfg, store)
+        model = Model(path, sc.threads, sc.providers, runtime=sc.runtime)
+        if not model.inputs:
+            raise ModelFileError(f"{path}: the model has no inputs")
+        if model.is_embedding():
+            raise UsageError(f"serve: {path} is an embedding model (output 'embedding', no labels); it has no classes to rank")
+        reader = reader_for(model.info, model.inputs)
+        k = min(sc.top_k, len(model.labels)) if model.labels else sc.top_k
+        batcher = serving.Batcher(model, k=k, max_batch=sc.max_batch, max_wait_ms=sc.max_wait_ms,
+                                  queue_limit=sc.queue_limit)
+        app = serving.App(model, reader, batcher, serving.Settings(sc.max_request_bytes, key, sc.allow_path))
+        sock = serving.bind(host, port)
+        where = sock.getsockname()
+        url = f"http://{'[' + where[0] + ']' if ':' in where[0] else where[0]}:{where[1]}"
+        if host not in LOOPBACK and not quiet:
+            log_info(f"serve: listening on {host}, not loopback: every host that can reach it can call it"
+                     + ("" if key else " (no serve.api_key_env set: no key needed)"))
 
-    stopped_by = serving.run(app, sock, on_listening=listening)
-    res = StageResult(STAGE, "done", None, time.time() - t0)
-    res.metrics = {"accepted": batcher.accepted, "answered": batcher.answered, "refused_503": batcher.refused,
-                   "model": str(path), "model_sha256": model.sha256, "url": url}
-    why = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}.get(stopped_by, "its own end")
-    res.messages.append(f"serve: stopped by {why}; answered {batcher.answered} of {batcher.accepted} accepted "
-                        f"request(s), {batcher.refused} refused at the queue limit")
-    if stopped_by == signal.SIGTERM:
-        res.exit_code = EXIT_TERMINATED
-    elif stopped_by == signal.SIGINT:
-        res.exit_code = EXIT_INTERRUPTED
-    elif not batcher.ready:
-        res.exit_code = 1
-        res.messages.append("serve: the server did not start (see the lines above)")
-    return res
+        def listening():
+            # always printed (also with -q): the one line a supervisor or a test reads the port from
+            print(f"serve: ready on {url} ({path}, sha256 {model.sha256[:16]}..., {model.runtime})",
+                  file=sys.stderr, flush=True)
+
+        stopped_by = serving.run(app, sock, on_listening=listening)
+        return Built(metrics={"accepted": batcher.accepted, "answered": batcher.answered, "refused_503": batcher.refused,
+                              "model": str(path), "model_sha256": model.sha256, "url": url},
+                     view=Stopped(stopped_by, batcher.ready, batcher.accepted, batcher.answered, batcher.refused))
+
+    return run_stage(store, STAGE, None, build, render)

@@ -10,7 +10,8 @@ from pathlib import Path
 from edgecli.artifacts import ArtifactStore, Declared, StageWriter, write_json_atomic
 from edgecli.config import PipelineConfig, dump_config
 from edgecli.errors import CheckFailed, ConfigError, EdgeError
-from edgecli.stages import StageResult, Table, run_stage, skipped_result
+from edgecli.stages import StageResult, Table, skipped_result
+from edgecli.stages import publish_stage as run_stage  # the tuple form, until this stage moves to run_stage
 
 STAGE = "train"
 
