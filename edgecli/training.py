@@ -230,6 +230,30 @@ def evaluate(model: nn.Module, x, y: np.ndarray, num_classes: int, device=None) 
     return classification_metrics(y, logits.argmax(-1), num_classes), logits
 
 
+def hard_label_loss(cfg, train_y, num_classes: int):
+    """The train stage's cross-entropy (class weights, label smoothing) as ``ce(logits, yb)``."""
+    w = class_weights(train_y, num_classes, cfg.train.class_weights)
+    crit = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=cfg.train.label_smoothing)
+
+    def ce(logits, yb):
+        if crit.weight is not None and crit.weight.device != logits.device:
+            crit.to(logits.device)
+        return crit(logits, yb)
+
+    return ce
+
+
+def val_accuracy(model, ctx) -> float:
+    """Validation accuracy in PyTorch on the whole validation split of ``ctx`` (a compression context:
+    ``ctx.splits``, ``ctx.num_classes``).
+
+    The whole split, like ``ctx.baseline_val_accuracy`` (the train stage's val accuracy), so the
+    accuracy drop compares like with like; fine-tuning scores every epoch on it anyway.
+    """
+    m, _ = evaluate(model, ctx.splits.val.x, ctx.splits.val.y, ctx.num_classes)
+    return float(m["accuracy"])
+
+
 # --------------------------------------------------------------------------- the loop
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from edgecli.errors import ConfigError
+from edgecli.errors import ConfigError, ModelFileError
 from edgecli.registry import Entry, Registry
 
 MODELS = Registry(
@@ -144,6 +144,71 @@ def build_from_info(info: dict, key: str = "model"):
     if info.get("norm_fix") == "batchnorm->groupnorm":
         replace_batchnorm(model, info.get("norm_groups"))
     return model
+
+
+def _is_depthwise(conv) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def rebuild_pruned(model_info: dict, state_dict: dict):
+    """Build ``model_info``'s architecture and shrink its layers to the shapes in ``state_dict``.
+
+    Works for unpruned weights too (nothing to shrink), so loaders can always call it.
+    Conv, Linear, BatchNorm, LayerNorm and GroupNorm layers are resized; anything else whose
+    shape differs is a ModelFileError.
+    """
+    import torch
+    from torch import nn
+
+    model = build_from_info(model_info)
+    for name, m in model.named_modules():
+        w = state_dict.get(f"{name}.weight" if name else "weight")
+        if w is None:
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+            out_c = int(w.shape[0])
+            groups = out_c if _is_depthwise(m) else m.groups
+            in_c = int(w.shape[1]) * groups
+            if (out_c, in_c) != (m.out_channels, m.in_channels):
+                m.out_channels, m.in_channels, m.groups = out_c, in_c, groups
+                m.weight = nn.Parameter(torch.empty_like(w, dtype=m.weight.dtype))
+                if m.bias is not None:
+                    m.bias = nn.Parameter(torch.empty(out_c, dtype=m.bias.dtype))
+        elif isinstance(m, nn.Linear):
+            out_f, in_f = int(w.shape[0]), int(w.shape[1])
+            if (out_f, in_f) != (m.out_features, m.in_features):
+                m.out_features, m.in_features = out_f, in_f
+                m.weight = nn.Parameter(torch.empty(out_f, in_f, dtype=m.weight.dtype))
+                if m.bias is not None:
+                    m.bias = nn.Parameter(torch.empty(out_f, dtype=m.bias.dtype))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = int(w.shape[0])
+            if n != m.num_features:
+                m.num_features = n
+                m.weight = nn.Parameter(torch.empty(n))
+                m.bias = nn.Parameter(torch.empty(n))
+                m.register_buffer("running_mean", torch.zeros(n))
+                m.register_buffer("running_var", torch.ones(n))
+        elif isinstance(m, nn.LayerNorm):
+            if tuple(w.shape) != tuple(m.normalized_shape):
+                m.normalized_shape = tuple(int(s) for s in w.shape)
+                m.weight = nn.Parameter(torch.empty_like(w))
+                if m.bias is not None:
+                    m.bias = nn.Parameter(torch.empty_like(w))
+        elif isinstance(m, nn.GroupNorm):
+            n = int(w.shape[0])
+            if n != m.num_channels:
+                m.num_groups = max(1, m.num_groups * n // m.num_channels)
+                m.num_channels = n
+                m.weight = nn.Parameter(torch.empty(n))
+                m.bias = nn.Parameter(torch.empty(n))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:2] or [str(e)[:200]]
+        raise ModelFileError(f"weights do not fit architecture '{model_info['arch']}' even after resizing pruned "
+                             f"layers ({first[0].strip()[:200]})") from None
+    return model.eval()
 
 
 def load_weights_into(model, state: dict, arch: str, where: str) -> None:

@@ -263,7 +263,7 @@ def _run_torch_steps(cfg, store, work: Path, data: _Data, quiet: bool, log) -> t
     before = _measure_torch(model, info, cfg, splits, work, "step-input", data)
     ctx = TorchContext(model=model, splits=splits, cfg=cfg, model_info=info, num_classes=info["num_classes"],
                        baseline_val_accuracy=float(man.get("metrics", {}).get("val_accuracy", before["score"])),
-                       quiet=quiet)
+                       quiet=quiet, teacher_weights=wpath)
     records = []
     feed1 = {k: v[:1] for k, v in data.eval_feeds.items()}
     for i, st in enumerate(cfg.compress.steps):
