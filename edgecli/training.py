@@ -136,7 +136,7 @@ def apply_freeze(model: nn.Module, prefixes: list[str]) -> int:
     for prefix in prefixes:
         hits = [n for n in names if n == prefix or n.startswith(prefix.rstrip(".") + ".")]
         if not hits:
-            from edgecli.config import did_you_mean
+            from edgecli.registry import did_you_mean
 
             tops = sorted({n.split(".")[0] for n in names})
             raise ConfigError(f"train.freeze: '{prefix}' matches no parameter{did_you_mean(prefix.split('.')[0], tops)}; "

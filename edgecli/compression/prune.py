@@ -51,7 +51,7 @@ def _ignored(model, names: list[str] | None) -> list:
     """Modules kept whole: the named ones, by default the model's ``classifier`` (its output layer)."""
     from torch import nn
 
-    from edgecli.config import did_you_mean
+    from edgecli.registry import did_you_mean
 
     mods = dict(model.named_modules())
     if names is None:

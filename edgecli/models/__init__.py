@@ -7,7 +7,7 @@ import inspect
 from pathlib import Path
 
 from edgecli.errors import ConfigError, ModelFileError
-from edgecli.registry import Entry, Registry
+from edgecli.registry import Entry, Registry, did_you_mean
 
 MODELS = Registry(
     "model",
@@ -33,8 +33,6 @@ def build_model(arch: str, input_shape: list[int], num_classes: int, args: dict 
         params = sig.parameters
         has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
         if not has_var_kw:
-            from edgecli.config import did_you_mean
-
             for k in args:
                 if k not in params or k in ("input_shape", "num_classes"):
                     choices = [p for p in params if p not in ("input_shape", "num_classes", "self")]
