@@ -26,3 +26,8 @@ class TorchContext:
     # the train stage's weights the compress stage read: distill.teacher 'train' rebuilds them when no
     # earlier step set ``teacher`` (never looked up again in the store)
     teacher_weights: Path | None = None
+
+
+def rounded(x, n: int = 5):
+    """``x`` rounded to ``n`` places for reports; None stays None."""
+    return None if x is None else round(float(x), n)

@@ -132,6 +132,36 @@ def trusted_info(info, trusted, where: str) -> dict:
     return info
 
 
+def model_info(cfg, splits, num_classes: int, model) -> dict:
+    """What the train stage records about its model (manifest, ONNX metadata): what ``build_from_info``
+    rebuilds it from, and how infer feeds it."""
+    io = getattr(model, "onnx_io", None)
+    input_names, output_names = (io()["input_names"], io()["output_names"]) if io else (["input"], ["logits"])
+    return {
+        "arch": cfg.model.arch,
+        "args": cfg.model.args,
+        "num_classes": num_classes,
+        "class_names": splits.class_names,
+        "kind": splits.kind,
+        "input_shape": splits.spec.input_shape,
+        "input_names": input_names,
+        "output_names": output_names,
+        "preprocess": splits.spec.to_dict(),
+        # a CSV's feature columns by name: infer matches a CSV with a header by these, not by position
+        **({"feature_names": list(splits.feature_names), "label_column": cfg.data.label_column}
+           if getattr(splits, "feature_names", None) else {}),
+        **_norm_fix(model),
+    }
+
+
+def _norm_fix(model) -> dict:
+    """model_info keys that let compress/bench rebuild a DP model whose BatchNorm became GroupNorm."""
+    fix = getattr(model, "_edgecli_norm_fix", None)
+    if not fix:
+        return {}
+    return {"norm_fix": "batchnorm->groupnorm", **({"norm_groups": int(fix)} if fix is not True else {})}
+
+
 def build_from_info(info: dict, key: str = "model"):
     """The architecture a stage's ``model_info`` describes, including a norm-layer swap made at training.
 
