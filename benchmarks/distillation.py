@@ -27,14 +27,14 @@ GOALS = {"params_fraction": 0.35, "macs_fraction": 0.35, "accuracy_drop": 0.01, 
 
 def _ctx(cfg, splits, run: Path):
     from edgecli.compression import TorchContext
-    from edgecli.compression.prune import rebuild_pruned
+    from edgecli.models import rebuild_pruned
     from edgecli.training import load_weights_file
 
     man = json.loads((run / "train" / "manifest.json").read_text())
     info = man["model_info"]
     model = rebuild_pruned(info, load_weights_file(run / "train" / "weights.safetensors"))
     return TorchContext(model, splits, cfg, info, info["num_classes"], float(man["metrics"]["val_accuracy"]),
-                        quiet=True)
+                        quiet=True, teacher_weights=run / "train" / "weights.safetensors")
 
 
 def _test_acc(model, splits, n) -> float:

@@ -6,7 +6,6 @@ Errors are reported all at once, one line each, in the user's words:
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgecli.errors import ConfigError
+from edgecli.registry import did_you_mean
 
 # --------------------------------------------------------------------------- schema
 
@@ -640,11 +640,6 @@ def _line_for(path: str, lines: dict[str, int]) -> int | None:
             return lines[p]
         parts.pop()
     return None
-
-
-def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def _render(e: ValidationError, source: str, lines: dict[str, int], overridden: set[str]) -> list[str]:

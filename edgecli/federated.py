@@ -375,6 +375,40 @@ def run_federated(cfg, splits, *, config_path: str, overrides: list[str], quiet:
         torch.set_num_threads(threads)
 
 
+def train_federated(cfg, splits, *, quiet: bool, resume: bool, grid=None):
+    """train.federated: Flower aggregates, each client runs edgecli's loop; the best-validation global model."""
+    from edgecli.training import FitResult
+
+    notes = ["--resume does not apply to federated training; all rounds were run"] if resume else []
+    if grid is None:
+        res, _ = run_federated(cfg, splits, config_path=cfg.source, overrides=list(cfg._overrides), quiet=quiet)
+    else:
+        res, _ = serve(cfg, splits, grid, quiet=quiet)
+    fed = cfg.train.federated
+    history = [dict(r, epoch=r["round"]) for r in res.rounds]
+    fit = FitResult(res.best_val_accuracy, res.best_round, len(res.rounds), False, None, history, res.seconds)
+    fit.federated = {"clients": fed.clients, "rounds_run": len(res.rounds), "best_round": res.best_round,
+                     "strategy": fed.strategy, "partition": fed.partition,
+                     "alpha": fed.alpha if fed.partition == "dirichlet" else None,
+                     "aggregation": f"flwr.serverapp.strategy.{'FedProx' if fed.strategy == 'fedprox' else 'FedAvg'} "
+                                    "(weighted by num-examples)", "rounds": res.rounds}
+    failed = sorted({c for r in res.rounds for c in r["failed_clients"]})
+    if failed:
+        notes.append(f"clients {', '.join(map(str, failed))} failed in some rounds; those rounds were aggregated "
+                     "without them (train.federated.min_available_clients was still met)")
+    if cfg.train.privacy is not None:
+        p = cfg.train.privacy
+        fit.privacy = {"epsilon": res.epsilon, "delta": p.delta, "target_epsilon": p.target_epsilon,
+                       "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
+                       "accountant": p.accountant, "poisson_sampling": True,
+                       "mechanism": "DP-SGD (Opacus) on every client; ε is the largest over clients "
+                                    "(sample-level: each sample lives on one client)"}
+        notes.append(f"DP-SGD on every client: ε = {res.epsilon:.2f} at δ = {p.delta:g} (largest over clients)")
+    notes.append(f"federated: {fed.clients} clients, {len(res.rounds)} rounds, best global model of round "
+                 f"{res.best_round} (val acc {res.best_val_accuracy:.4f})")
+    return res.model, fit, notes
+
+
 def require_flower() -> None:
     try:
         import flwr  # noqa: F401

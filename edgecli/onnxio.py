@@ -470,6 +470,35 @@ def drop_unused_opsets(m) -> list[str]:
     return dropped
 
 
+def prepare_export(src_model, work: Path, opset: int | None, level: str | None, meta: dict) -> tuple[Path, dict]:
+    """Opset, ORT optimisation at ``level``, de-duplication, metadata ``meta``: one candidate model.onnx
+    for export in ``work``; returns (its path, notes)."""
+    import onnx
+
+    from edgecli import __version__
+    from edgecli.runtimes.ort import optimize_offline
+
+    notes = {}
+    m = convert_opset(src_model, opset)
+    stage_in = work / "converted.onnx"
+    save_model(m, stage_in)
+    if level:
+        opt = work / f"optimized-{level}.onnx"
+        optimize_offline(stage_in, opt, level)
+        m = onnx.load(str(opt))
+    notes["deduplicated_initializers"] = dedupe_initializers(m)
+    drop_unused_opsets(m)
+    del m.metadata_props[:]
+    for k, v in meta.items():
+        e = m.metadata_props.add()
+        e.key, e.value = k, v
+    m.producer_name = "edgecli"
+    m.producer_version = __version__
+    out = work / f"model-{level or 'none'}.onnx"
+    save_model(m, out)
+    return out, notes
+
+
 def tensor_bytes(m) -> int:
     return sum(len(t.raw_data) or 0 for t in m.graph.initializer)
 

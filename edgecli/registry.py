@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgecli.errors import ConfigError
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``word``, else ''."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 @dataclass(frozen=True)
@@ -32,8 +40,6 @@ class Registry:
         """Raise a ConfigError naming the key if ``name`` is neither registered nor an import path."""
         if name in self.entries or ":" in name:
             return
-        from edgecli.config import did_you_mean
-
         raise ConfigError(
             f"{self.key}: unknown {self.kind} '{name}'{did_you_mean(name, self.entries)}; "
             f"choose from {', '.join(self.names())} or give 'package.module:Class'"

@@ -76,6 +76,25 @@ def broadcast_object(obj, src: int = 0):
     return obj
 
 
+def is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank died or stalled (gloo/NCCL raise RuntimeError)."""
+    import torch.distributed as tdist
+
+    if isinstance(e, tdist.DistError):
+        return True
+    msg = str(e)
+    return any(k in msg for k in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out"))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a torch.distributed error, without gloo's source-file prefix, for one-line messages."""
+    import re
+
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo prefixes its source file:line
+    return line.split(". ")[0][:200]
+
+
 # --------------------------------------------------------------------------- setup helpers
 
 
@@ -136,7 +155,7 @@ def apply_freeze(model: nn.Module, prefixes: list[str]) -> int:
     for prefix in prefixes:
         hits = [n for n in names if n == prefix or n.startswith(prefix.rstrip(".") + ".")]
         if not hits:
-            from edgecli.config import did_you_mean
+            from edgecli.registry import did_you_mean
 
             tops = sorted({n.split(".")[0] for n in names})
             raise ConfigError(f"train.freeze: '{prefix}' matches no parameter{did_you_mean(prefix.split('.')[0], tops)}; "
@@ -228,6 +247,35 @@ def evaluate(model: nn.Module, x, y: np.ndarray, num_classes: int, device=None) 
 
     logits = predict_logits(model, x, device=device)
     return classification_metrics(y, logits.argmax(-1), num_classes), logits
+
+
+def hard_label_loss(cfg, train_y, num_classes: int):
+    """The train stage's cross-entropy (class weights, label smoothing) as ``ce(logits, yb)``."""
+    return _cross_entropy(cfg.train, train_y, num_classes)
+
+
+def _cross_entropy(tcfg, train_y, num_classes: int):
+    """``ce(logits, yb)`` with train.class_weights and train.label_smoothing; the weights follow the logits' device."""
+    w = class_weights(train_y, num_classes, tcfg.class_weights)
+    crit = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=tcfg.label_smoothing)
+
+    def ce(logits, yb):
+        if crit.weight is not None and crit.weight.device != logits.device:
+            crit.to(logits.device)
+        return crit(logits, yb)
+
+    return ce
+
+
+def val_accuracy(model, ctx) -> float:
+    """Validation accuracy in PyTorch on the whole validation split of ``ctx`` (a compression context:
+    ``ctx.splits``, ``ctx.num_classes``).
+
+    The whole split, like ``ctx.baseline_val_accuracy`` (the train stage's val accuracy), so the
+    accuracy drop compares like with like; fine-tuning scores every epoch on it anyway.
+    """
+    m, _ = evaluate(model, ctx.splits.val.x, ctx.splits.val.y, ctx.num_classes)
+    return float(m["accuracy"])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -334,10 +382,7 @@ def fit(
     lr = lr if lr is not None else tcfg.lr
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    if tcfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, nesterov=True)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
+    opt = _optimizer(tcfg, params, lr)
     n = len(train_y)
     net = model
     if private is not None:
@@ -347,135 +392,199 @@ def fit(
         net, opt = private.attach(model, opt, n, tcfg.batch_size, epochs)
     per_rank_batch = max(1, tcfg.batch_size // dist.world)
     steps_per_epoch = max(1, math.ceil(n / (per_rank_batch * dist.world)))
-    total_steps = max(1, epochs * steps_per_epoch)
-    if tcfg.scheduler == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    weights = class_weights(train_y, num_classes, tcfg.class_weights)
-    ce = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, label_smoothing=tcfg.label_smoothing)
+    sched = _scheduler(tcfg, opt, max(1, epochs * steps_per_epoch))
     if loss_fn is None:
+        ce = _cross_entropy(tcfg, train_y, num_classes)
+
         def loss_fn(logits, xb, yb):  # noqa: E306
             return ce(logits, yb)
 
     autocast_dtype = amp_dtype(tcfg.amp, device)
     # fp16 has too little range for small gradients: scale the loss; bf16 has float32's range
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    st = _restore(checkpoint, resume, fingerprint, dist, model, opt, sched, private)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-    start_epoch, best_acc, best_epoch, best_state, history, resumed = 0, -1.0, -1, None, [], None
+        # DDP broadcasts rank 0's parameters and buffers here, so every rank starts from one model.
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step = _Stepper(net, opt, sched, scaler, params, loss_fn, device, autocast_dtype,
+                    None if private is not None else tcfg.max_grad_norm, checkpoint, desc)
+    patience = tcfg.early_stopping.patience if tcfg.early_stopping else None
+    min_delta = tcfg.early_stopping.min_delta if tcfg.early_stopping else 0.0
+    t0 = time.time()
+    stopped = False
+    epoch = st.start_epoch - 1
+    with _progress(dist.is_main and not quiet, desc, epochs, st.start_epoch) as prog:
+        for epoch in range(st.start_epoch, epochs):
+            net.train()
+            g = torch.Generator().manual_seed(seed * 1000 + epoch)  # same order after --resume
+            batches = private.batches(g) if private is not None else _epoch_order(n, g, dist, per_rank_batch)
+            tot_loss, tot_n = step.epoch(train_x, train_y, batches, epoch)
+            train_loss = _reduce_mean(tot_loss, tot_n, device, dist)
+            val_acc = _validate(model, val_x, val_y, num_classes, device, dist)
+            rec = {"epoch": epoch + 1, "train_loss": round(train_loss, 5),
+                   "val_accuracy": None if val_x is None else round(val_acc, 5), "lr": opt.param_groups[0]["lr"]}
+            if private is not None:
+                rec.update(private.spent())
+            st.history.append(rec)
+            if val_acc > st.best_acc + min_delta or st.best_state is None or val_x is None:
+                st.best_acc, st.best_epoch = max(val_acc, st.best_acc), epoch
+                st.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if checkpoint is not None and dist.is_main:
+                _save_state(checkpoint, st, epoch, model, opt, sched, fingerprint, private)
+            prog.update(epoch + 1, train_loss, val_acc, st.best_acc,
+                        f"  ε {rec['epsilon']:.2f}" if "epsilon" in rec else "")
+            if patience is not None and epoch - st.best_epoch >= patience:
+                stopped = True
+                break
+    if private is not None:
+        private.close()
+    if st.best_state is not None:
+        model.load_state_dict(st.best_state)
+    return FitResult(st.best_acc, st.best_epoch + 1, epoch + 1, stopped, st.resumed, st.history, time.time() - t0)
+
+
+def _optimizer(tcfg, params: list, lr: float) -> torch.optim.Optimizer:
+    if tcfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay, nesterov=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=tcfg.weight_decay)
+
+
+def _scheduler(tcfg, opt, total_steps: int):
+    """Per-step learning-rate schedule: cosine to zero over ``total_steps``, or constant."""
+    if tcfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+@dataclass
+class _FitState:
+    """What a checkpoint carries from one epoch to the next (and across --resume)."""
+
+    start_epoch: int = 0
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    best_state: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    resumed: int | None = None
+
+
+def _restore(checkpoint: Path | None, resume: bool, fingerprint: str, dist: Dist, model, opt, sched,
+             private) -> _FitState:
+    """The state to start from: fresh, or the checkpoint's when ``resume`` and its fingerprint matches."""
+    st = _FitState()
     ck = None
     if resume and checkpoint is not None and dist.is_main and checkpoint.is_file():
         ck = _load_checkpoint(checkpoint)
     if dist.enabled and resume:
         # Only rank 0 writes checkpoints, and other nodes may not share its disk: it sends them its copy.
         ck = broadcast_object(ck)
-    if ck is not None:
-        if fingerprint and ck.get("fingerprint") != fingerprint:
-            raise ConfigError(f"--resume: the checkpoint in {checkpoint.parent} was made with another config; "
-                              "rerun without --resume (or restore the config)")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
-        if private is not None:
-            private.load_state_dict(ck.get("privacy") or {})
-        start_epoch, best_acc, best_epoch = int(ck["epoch"]) + 1, float(ck["best_val"]), int(ck["best_epoch"])
-        best_state = ck.get("best_state")
-        history = list(ck.get("history", []))
-        resumed = start_epoch
-
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # DDP broadcasts rank 0's parameters and buffers here, so every rank starts from one model.
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    patience = tcfg.early_stopping.patience if tcfg.early_stopping else None
-    min_delta = tcfg.early_stopping.min_delta if tcfg.early_stopping else 0.0
-    show = dist.is_main and not quiet
-    t0 = time.time()
-    stopped = False
-    epoch = start_epoch - 1
-    with _progress(show, desc, epochs, start_epoch) as prog:
-        for epoch in range(start_epoch, epochs):
-            net.train()
-            g = torch.Generator().manual_seed(seed * 1000 + epoch)  # same order after --resume
-            if private is not None:
-                batches = private.batches(g)  # Poisson: each sample in each step with probability batch/n
-            else:
-                order = torch.randperm(n, generator=g).numpy()
-                if dist.enabled:  # DistributedSampler semantics: pad, then stride by rank
-                    pad = (-len(order)) % dist.world
-                    order = np.concatenate([order, order[:pad]])[dist.rank :: dist.world]
-                batches = (order[i : i + per_rank_batch] for i in range(0, len(order), per_rank_batch))
-            tot_loss, tot_n = 0.0, 0
-            for step, idx in enumerate(batches):
-                if len(idx) == 0:  # a Poisson draw can be empty (p = (1-q)^n, ~1e-18 at q=0.33, n=100): no step
-                    continue
-                xb = _batches(train_x, idx)
-                xb = {k: v.to(device) for k, v in xb.items()} if isinstance(xb, dict) else xb.to(device)
-                yb = torch.as_tensor(train_y[idx]).to(device)
-                with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext():
-                    logits = net(**xb) if isinstance(xb, dict) else net(xb)
-                    loss = loss_fn(logits.float(), xb, yb)
-                if not torch.isfinite(loss):
-                    kept = (f"the last good checkpoint (epoch {epoch}) is kept in {checkpoint.parent}"
-                            if checkpoint is not None and checkpoint.is_file() and epoch > 0
-                            else "no epoch completed, so no checkpoint was kept")
-                    raise TrainingDiverged(
-                        f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; {kept}",
-                        hint="lower train.lr, or set train.max_grad_norm",
-                    )
-                opt.zero_grad(set_to_none=True)
-                if scaler:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(opt)
-                else:
-                    loss.backward()
-                if tcfg.max_grad_norm and private is None:  # DP-SGD clips per sample in its optimizer
-                    torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                sched.step()
-                tot_loss += loss.item() * len(idx)
-                tot_n += len(idx)
-            train_loss = _reduce_mean(tot_loss, tot_n, device, dist)
-            if val_x is None:
-                val_acc = float("nan")
-            elif dist.enabled:
-                val_acc = _distributed_accuracy(model, val_x, val_y, device, dist)
-            else:
-                val_metrics, _ = evaluate(model, val_x, val_y, num_classes, device=device)
-                val_acc = val_metrics["accuracy"]
-            rec = {"epoch": epoch + 1, "train_loss": round(train_loss, 5),
-                   "val_accuracy": None if val_x is None else round(val_acc, 5), "lr": opt.param_groups[0]["lr"]}
-            if private is not None:
-                rec.update(private.spent())
-            history.append(rec)
-            improved = val_acc > best_acc + min_delta
-            if improved or best_state is None or val_x is None:
-                best_acc, best_epoch = max(val_acc, best_acc), epoch
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            if checkpoint is not None and dist.is_main:
-                _save_checkpoint(checkpoint, {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": epoch, "best_val": best_acc, "best_epoch": best_epoch,
-                    "best_state": best_state, "history": history, "fingerprint": fingerprint,
-                    "privacy": private.state_dict() if private is not None else None,
-                })
-            prog.update(epoch + 1, train_loss, val_acc, best_acc,
-                        f"  ε {rec['epsilon']:.2f}" if "epsilon" in rec else "")
-            if patience is not None and epoch - best_epoch >= patience:
-                stopped = True
-                break
+    if ck is None:
+        return st
+    if fingerprint and ck.get("fingerprint") != fingerprint:
+        raise ConfigError(f"--resume: the checkpoint in {checkpoint.parent} was made with another config; "
+                          "rerun without --resume (or restore the config)")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng"])
     if private is not None:
-        private.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitResult(best_acc, best_epoch + 1, epoch + 1, stopped, resumed, history, time.time() - t0)
+        private.load_state_dict(ck.get("privacy") or {})
+    st.start_epoch, st.best_acc, st.best_epoch = int(ck["epoch"]) + 1, float(ck["best_val"]), int(ck["best_epoch"])
+    st.best_state = ck.get("best_state")
+    st.history = list(ck.get("history", []))
+    st.resumed = st.start_epoch
+    return st
+
+
+def _save_state(checkpoint: Path, st: _FitState, epoch: int, model, opt, sched, fingerprint: str, private) -> None:
+    _save_checkpoint(checkpoint, {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "rng": torch.get_rng_state(), "epoch": epoch, "best_val": st.best_acc, "best_epoch": st.best_epoch,
+        "best_state": st.best_state, "history": st.history, "fingerprint": fingerprint,
+        "privacy": private.state_dict() if private is not None else None,
+    })
+
+
+def _epoch_order(n: int, g: torch.Generator, dist: Dist, per_rank_batch: int):
+    """This rank's shuffled batches of sample indices for one epoch."""
+    order = torch.randperm(n, generator=g).numpy()
+    if dist.enabled:  # DistributedSampler semantics: pad, then stride by rank
+        pad = (-len(order)) % dist.world
+        order = np.concatenate([order, order[:pad]])[dist.rank :: dist.world]
+    return (order[i : i + per_rank_batch] for i in range(0, len(order), per_rank_batch))
+
+
+def _validate(model: nn.Module, val_x, val_y, num_classes: int, device, dist: Dist) -> float:
+    if val_x is None:
+        return float("nan")
+    if dist.enabled:
+        return _distributed_accuracy(model, val_x, val_y, device, dist)
+    val_metrics, _ = evaluate(model, val_x, val_y, num_classes, device=device)
+    return val_metrics["accuracy"]
+
+
+@dataclass
+class _Stepper:
+    """One optimizer step per batch: forward (autocast), a finite-loss check, backward, clip, step."""
+
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: object
+    params: list
+    loss_fn: LossFn
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    max_grad_norm: float | None  # None under DP-SGD, which clips per sample in its optimizer
+    checkpoint: Path | None
+    desc: str
+
+    def epoch(self, train_x, train_y: np.ndarray, batches, epoch: int) -> tuple[float, int]:
+        """Run one epoch's batches; return (summed loss, samples) on this rank."""
+        tot_loss, tot_n = 0.0, 0
+        for step, idx in enumerate(batches):
+            if len(idx) == 0:  # a Poisson draw can be empty (p = (1-q)^n, ~1e-18 at q=0.33, n=100): no step
+                continue
+            xb = _batches(train_x, idx)
+            xb = {k: v.to(self.device) for k, v in xb.items()} if isinstance(xb, dict) else xb.to(self.device)
+            yb = torch.as_tensor(train_y[idx]).to(self.device)
+            loss = self.step(xb, yb, epoch, step)
+            tot_loss += loss.item() * len(idx)
+            tot_n += len(idx)
+        return tot_loss, tot_n
+
+    def step(self, xb, yb, epoch: int, step: int) -> torch.Tensor:
+        dtype = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            logits = self.net(**xb) if isinstance(xb, dict) else self.net(xb)
+            loss = self.loss_fn(logits.float(), xb, yb)
+        if not torch.isfinite(loss):
+            ck = self.checkpoint
+            kept = (f"the last good checkpoint (epoch {epoch}) is kept in {ck.parent}"
+                    if ck is not None and ck.is_file() and epoch > 0
+                    else "no epoch completed, so no checkpoint was kept")
+            raise TrainingDiverged(
+                f"{self.desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; {kept}",
+                hint="lower train.lr, or set train.max_grad_norm",
+            )
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        return loss
 
 
 def _reduce_mean(total: float, count: int, device, dist: Dist) -> float:

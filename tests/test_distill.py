@@ -10,8 +10,8 @@ from edgecli.errors import ConfigError
 
 
 def _ctx(p) -> TorchContext:
-    from edgecli.compression.prune import rebuild_pruned
     from edgecli.data import load_splits
+    from edgecli.models import rebuild_pruned
     from edgecli.training import evaluate, load_weights_file
 
     cfg = PipelineConfig.model_validate(p.cfg)
@@ -19,7 +19,8 @@ def _ctx(p) -> TorchContext:
     model = rebuild_pruned(info, load_weights_file(p.run_dir / "train" / "weights.safetensors"))
     splits = load_splits(cfg)
     val, _ = evaluate(model, splits.val.x, splits.val.y, info["num_classes"])
-    return TorchContext(model, splits, cfg, info, info["num_classes"], val["accuracy"], quiet=True)
+    return TorchContext(model, splits, cfg, info, info["num_classes"], val["accuracy"], quiet=True,
+                        teacher_weights=p.run_dir / "train" / "weights.safetensors")
 
 
 def test_distill_loss_matches_its_definition():

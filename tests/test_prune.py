@@ -16,8 +16,8 @@ from tests.conftest import edgecli, write_config
 
 def _ctx_from_pipeline(p, **compress) -> TorchContext:
     """The trained model of a test pipeline, as the compress stage hands it to the torch steps."""
-    from edgecli.compression.prune import rebuild_pruned
     from edgecli.data import load_splits
+    from edgecli.models import rebuild_pruned
     from edgecli.training import evaluate, load_weights_file
 
     # these tests exercise pruning itself: no accuracy guard (drop up to 1.0) unless a test sets one (the default is 0.01)
@@ -52,7 +52,8 @@ def _export(model, x, path):
 def test_prune_halves_channels_in_torch_and_onnx_and_reloads(trained_cnn, tmp_path):
     import torch
 
-    from edgecli.compression.prune import prune_step, rebuild_pruned
+    from edgecli.compression.prune import prune_step
+    from edgecli.models import rebuild_pruned
     from edgecli.runtimes.ort import make_session, run_batched
     from edgecli.training import evaluate, predict_logits
 
@@ -158,9 +159,9 @@ def test_ignore_names_are_checked(trained_cnn):
 
 
 def test_depthwise_mobilenet_prunes_consistently_and_exports(tmp_path):
-    from edgecli.compression.prune import prune_step, rebuild_pruned
+    from edgecli.compression.prune import prune_step
     from edgecli.data import load_splits
-    from edgecli.models import build_model
+    from edgecli.models import build_model, rebuild_pruned
     from edgecli.runtimes.ort import make_session, run_batched
     from edgecli.training import evaluate, fit, predict_logits
 
@@ -208,7 +209,7 @@ def test_sparsity_shrinks_compressed_size_not_shapes(trained_cnn):
 
 
 def test_compress_cli_prune_publishes_pruned_weights_and_onnx(trained_cnn, copy_pipeline):
-    from edgecli.compression.prune import rebuild_pruned
+    from edgecli.models import rebuild_pruned
     from edgecli.training import load_weights_file
 
     p = copy_pipeline(trained_cnn)
@@ -235,8 +236,8 @@ def test_resnet8_full_recipe_prune_distill_quantize(tmp_path):
     in one `edgecli compress`: <= 35% params and MACs, accuracy drop <= 0.01 (about 3 minutes)."""
     import yaml
 
-    from edgecli.compression.prune import rebuild_pruned
     from edgecli.data import load_splits
+    from edgecli.models import rebuild_pruned
     from edgecli.training import evaluate, load_weights_file
     from tests.conftest import REPO, Pipeline
 

@@ -8,6 +8,7 @@ before ONNX-level steps (quantize). The compress stage measures every step befor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -22,3 +23,11 @@ class TorchContext:
     teacher: Any = None  # torch.nn.Module (the trained model), loaded lazily by distillation
     quiet: bool = False
     notes: list[str] = field(default_factory=list)  # human-readable lines for the CLI
+    # the train stage's weights the compress stage read: distill.teacher 'train' rebuilds them when no
+    # earlier step set ``teacher`` (never looked up again in the store)
+    teacher_weights: Path | None = None
+
+
+def rounded(x, n: int = 5):
+    """``x`` rounded to ``n`` places for reports; None stays None."""
+    return None if x is None else round(float(x), n)

@@ -49,23 +49,6 @@ def make_distill_loss(teacher, alpha: float, temperature: float, ce=None):
     return loss_fn
 
 
-def hard_label_loss(cfg, train_y, num_classes: int):
-    """The train stage's cross-entropy (class weights, label smoothing) as ``ce(logits, yb)``."""
-    import torch
-
-    from edgecli.training import class_weights
-
-    w = class_weights(train_y, num_classes, cfg.train.class_weights)
-    crit = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=cfg.train.label_smoothing)
-
-    def ce(logits, yb):
-        if crit.weight is not None and crit.weight.device != logits.device:
-            crit.to(logits.device)
-        return crit(logits, yb)
-
-    return ce
-
-
 def _weights_and_info(ref: Path, model_info: dict, trusted: tuple[str, ...] = ()) -> tuple[Path, dict]:
     """A teacher reference (weights file, stage directory or run directory) -> (weights, model_info).
 
@@ -98,19 +81,17 @@ def load_teacher(ctx, ref: str = "train"):
     """The teacher network (eval mode, frozen), cached on ``ctx.teacher`` for 'train'.
 
     'train' is the trained model of this pipeline: ``ctx.teacher`` when the stage (or an earlier
-    step, before changing the model) set it, else the train stage's weights, else a copy of
-    ``ctx.model``. A path names a weights file (this pipeline's architecture) or a train stage /
+    step, before changing the model) set it, else the train stage's weights the stage resolved
+    (``ctx.teacher_weights``), else a copy of ``ctx.model``. A path names a weights file (this pipeline's architecture) or a train stage /
     run directory (its own architecture, from its manifest).
     """
-    from edgecli.compression.prune import rebuild_pruned
+    from edgecli.models import rebuild_pruned
     from edgecli.training import load_weights_file
 
     if ref == "train":
         if ctx.teacher is None:
-            from edgecli.artifacts import ArtifactStore
-
-            w = ArtifactStore.for_config(ctx.cfg).stage_dir("train") / "weights.safetensors"
-            if w.is_file():
+            w = ctx.teacher_weights
+            if w is not None and Path(w).is_file():
                 ctx.teacher = rebuild_pruned(ctx.model_info, load_weights_file(w))
             else:
                 ctx.teacher = copy.deepcopy(ctx.model)
@@ -129,18 +110,6 @@ def load_teacher(ctx, ref: str = "train"):
     return teacher
 
 
-def val_accuracy(model, ctx) -> float:
-    """Validation accuracy in PyTorch on the whole validation split.
-
-    The whole split, like ``ctx.baseline_val_accuracy`` (the train stage's val accuracy), so the
-    accuracy drop compares like with like; fine-tuning scores every epoch on it anyway.
-    """
-    from edgecli.training import evaluate
-
-    m, _ = evaluate(model, ctx.splits.val.x, ctx.splits.val.y, ctx.num_classes)
-    return float(m["accuracy"])
-
-
 def distill_step(ctx, opts) -> dict:
     """Train ``opts.student`` from scratch against the teacher, or (no student) keep training ctx.model.
 
@@ -150,7 +119,7 @@ def distill_step(ctx, opts) -> dict:
 
     from edgecli.models import build_model
     from edgecli.models.zoo import count_params
-    from edgecli.training import fit, seed_everything
+    from edgecli.training import fit, hard_label_loss, seed_everything, val_accuracy
 
     if isinstance(ctx.splits.train.x, dict):
         raise ConfigError("distill: text models are not supported (image and feature models only)")

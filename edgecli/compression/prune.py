@@ -5,8 +5,8 @@ additions and depthwise convolutions stay consistent and the network really gets
 faster on dense CPU kernels. Unstructured sparsity only zeroes weights: the tensors keep
 their shapes, so it shrinks a *compressed* file but never speeds up a dense runtime.
 
-A pruned model no longer matches its registry definition; ``rebuild_pruned`` rebuilds one
-from the model info and a state dict (the shapes are read from the tensors).
+A pruned model no longer matches its registry definition; ``edgecli.models.rebuild_pruned``
+rebuilds one from the model info and a state dict (the shapes are read from the tensors).
 """
 
 from __future__ import annotations
@@ -15,76 +15,7 @@ import copy
 import math
 import time
 
-from edgecli.errors import CheckFailed, ConfigError, ModelFileError
-
-# --------------------------------------------------------------------------- rebuilding
-
-
-def _is_depthwise(conv) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
-
-
-def rebuild_pruned(model_info: dict, state_dict: dict):
-    """Build ``model_info``'s architecture and shrink its layers to the shapes in ``state_dict``.
-
-    Works for unpruned weights too (nothing to shrink), so loaders can always call it.
-    Conv, Linear, BatchNorm, LayerNorm and GroupNorm layers are resized; anything else whose
-    shape differs is a ModelFileError.
-    """
-    import torch
-    from torch import nn
-
-    from edgecli.models import build_from_info
-
-    model = build_from_info(model_info)
-    for name, m in model.named_modules():
-        w = state_dict.get(f"{name}.weight" if name else "weight")
-        if w is None:
-            continue
-        if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
-            out_c = int(w.shape[0])
-            groups = out_c if _is_depthwise(m) else m.groups
-            in_c = int(w.shape[1]) * groups
-            if (out_c, in_c) != (m.out_channels, m.in_channels):
-                m.out_channels, m.in_channels, m.groups = out_c, in_c, groups
-                m.weight = nn.Parameter(torch.empty_like(w, dtype=m.weight.dtype))
-                if m.bias is not None:
-                    m.bias = nn.Parameter(torch.empty(out_c, dtype=m.bias.dtype))
-        elif isinstance(m, nn.Linear):
-            out_f, in_f = int(w.shape[0]), int(w.shape[1])
-            if (out_f, in_f) != (m.out_features, m.in_features):
-                m.out_features, m.in_features = out_f, in_f
-                m.weight = nn.Parameter(torch.empty(out_f, in_f, dtype=m.weight.dtype))
-                if m.bias is not None:
-                    m.bias = nn.Parameter(torch.empty(out_f, dtype=m.bias.dtype))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = int(w.shape[0])
-            if n != m.num_features:
-                m.num_features = n
-                m.weight = nn.Parameter(torch.empty(n))
-                m.bias = nn.Parameter(torch.empty(n))
-                m.register_buffer("running_mean", torch.zeros(n))
-                m.register_buffer("running_var", torch.ones(n))
-        elif isinstance(m, nn.LayerNorm):
-            if tuple(w.shape) != tuple(m.normalized_shape):
-                m.normalized_shape = tuple(int(s) for s in w.shape)
-                m.weight = nn.Parameter(torch.empty_like(w))
-                if m.bias is not None:
-                    m.bias = nn.Parameter(torch.empty_like(w))
-        elif isinstance(m, nn.GroupNorm):
-            n = int(w.shape[0])
-            if n != m.num_channels:
-                m.num_groups = max(1, m.num_groups * n // m.num_channels)
-                m.num_channels = n
-                m.weight = nn.Parameter(torch.empty(n))
-                m.bias = nn.Parameter(torch.empty(n))
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1:2] or [str(e)[:200]]
-        raise ModelFileError(f"weights do not fit architecture '{model_info['arch']}' even after resizing pruned "
-                             f"layers ({first[0].strip()[:200]})") from None
-    return model.eval()
+from edgecli.errors import CheckFailed, ConfigError
 
 
 def conv_channels(model) -> dict[str, tuple[int, int]]:
@@ -120,7 +51,7 @@ def _ignored(model, names: list[str] | None) -> list:
     """Modules kept whole: the named ones, by default the model's ``classifier`` (its output layer)."""
     from torch import nn
 
-    from edgecli.config import did_you_mean
+    from edgecli.registry import did_you_mean
 
     mods = dict(model.named_modules())
     if names is None:
@@ -231,7 +162,7 @@ def _finetune(model, ctx, opts, epochs: int, loss_fn, desc: str):
 
 def _try(ctx, opts, original, example, ratio: float, base: tuple[int, int], loss_fn) -> tuple[object, dict]:
     """Prune a copy of ``original`` to ``ratio`` (of channels, params or MACs) and fine-tune it."""
-    from edgecli.compression.distill import val_accuracy
+    from edgecli.training import val_accuracy
 
     t0 = time.time()
     search_removed = None
@@ -295,7 +226,8 @@ def prune_step(ctx, opts) -> dict:
     """
     import torch
 
-    from edgecli.compression.distill import hard_label_loss, load_teacher, make_distill_loss, val_accuracy
+    from edgecli.compression.distill import load_teacher, make_distill_loss
+    from edgecli.training import hard_label_loss, val_accuracy
 
     if isinstance(ctx.splits.train.x, dict) or ctx.model_info.get("kind") == "text":
         raise ConfigError("prune: text models are not supported (image and feature models only)")
@@ -405,7 +337,7 @@ def sparsity_step(ctx, opts) -> dict:
     import torch.nn.utils.prune as tprune
     from torch import nn
 
-    from edgecli.compression.distill import hard_label_loss, val_accuracy
+    from edgecli.training import hard_label_loss, val_accuracy
 
     if isinstance(ctx.splits.train.x, dict):
         raise ConfigError("sparsity: text models are not supported (image and feature models only)")

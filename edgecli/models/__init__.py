@@ -6,8 +6,8 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from edgecli.errors import ConfigError
-from edgecli.registry import Entry, Registry
+from edgecli.errors import ConfigError, ModelFileError
+from edgecli.registry import Entry, Registry, did_you_mean
 
 MODELS = Registry(
     "model",
@@ -33,8 +33,6 @@ def build_model(arch: str, input_shape: list[int], num_classes: int, args: dict 
         params = sig.parameters
         has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
         if not has_var_kw:
-            from edgecli.config import did_you_mean
-
             for k in args:
                 if k not in params or k in ("input_shape", "num_classes"):
                     choices = [p for p in params if p not in ("input_shape", "num_classes", "self")]
@@ -134,6 +132,36 @@ def trusted_info(info, trusted, where: str) -> dict:
     return info
 
 
+def model_info(cfg, splits, num_classes: int, model) -> dict:
+    """What the train stage records about its model (manifest, ONNX metadata): what ``build_from_info``
+    rebuilds it from, and how infer feeds it."""
+    io = getattr(model, "onnx_io", None)
+    input_names, output_names = (io()["input_names"], io()["output_names"]) if io else (["input"], ["logits"])
+    return {
+        "arch": cfg.model.arch,
+        "args": cfg.model.args,
+        "num_classes": num_classes,
+        "class_names": splits.class_names,
+        "kind": splits.kind,
+        "input_shape": splits.spec.input_shape,
+        "input_names": input_names,
+        "output_names": output_names,
+        "preprocess": splits.spec.to_dict(),
+        # a CSV's feature columns by name: infer matches a CSV with a header by these, not by position
+        **({"feature_names": list(splits.feature_names), "label_column": cfg.data.label_column}
+           if getattr(splits, "feature_names", None) else {}),
+        **_norm_fix(model),
+    }
+
+
+def _norm_fix(model) -> dict:
+    """model_info keys that let compress/bench rebuild a DP model whose BatchNorm became GroupNorm."""
+    fix = getattr(model, "_edgecli_norm_fix", None)
+    if not fix:
+        return {}
+    return {"norm_fix": "batchnorm->groupnorm", **({"norm_groups": int(fix)} if fix is not True else {})}
+
+
 def build_from_info(info: dict, key: str = "model"):
     """The architecture a stage's ``model_info`` describes, including a norm-layer swap made at training.
 
@@ -144,6 +172,71 @@ def build_from_info(info: dict, key: str = "model"):
     if info.get("norm_fix") == "batchnorm->groupnorm":
         replace_batchnorm(model, info.get("norm_groups"))
     return model
+
+
+def _is_depthwise(conv) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def rebuild_pruned(model_info: dict, state_dict: dict):
+    """Build ``model_info``'s architecture and shrink its layers to the shapes in ``state_dict``.
+
+    Works for unpruned weights too (nothing to shrink), so loaders can always call it.
+    Conv, Linear, BatchNorm, LayerNorm and GroupNorm layers are resized; anything else whose
+    shape differs is a ModelFileError.
+    """
+    import torch
+    from torch import nn
+
+    model = build_from_info(model_info)
+    for name, m in model.named_modules():
+        w = state_dict.get(f"{name}.weight" if name else "weight")
+        if w is None:
+            continue
+        if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+            out_c = int(w.shape[0])
+            groups = out_c if _is_depthwise(m) else m.groups
+            in_c = int(w.shape[1]) * groups
+            if (out_c, in_c) != (m.out_channels, m.in_channels):
+                m.out_channels, m.in_channels, m.groups = out_c, in_c, groups
+                m.weight = nn.Parameter(torch.empty_like(w, dtype=m.weight.dtype))
+                if m.bias is not None:
+                    m.bias = nn.Parameter(torch.empty(out_c, dtype=m.bias.dtype))
+        elif isinstance(m, nn.Linear):
+            out_f, in_f = int(w.shape[0]), int(w.shape[1])
+            if (out_f, in_f) != (m.out_features, m.in_features):
+                m.out_features, m.in_features = out_f, in_f
+                m.weight = nn.Parameter(torch.empty(out_f, in_f, dtype=m.weight.dtype))
+                if m.bias is not None:
+                    m.bias = nn.Parameter(torch.empty(out_f, dtype=m.bias.dtype))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = int(w.shape[0])
+            if n != m.num_features:
+                m.num_features = n
+                m.weight = nn.Parameter(torch.empty(n))
+                m.bias = nn.Parameter(torch.empty(n))
+                m.register_buffer("running_mean", torch.zeros(n))
+                m.register_buffer("running_var", torch.ones(n))
+        elif isinstance(m, nn.LayerNorm):
+            if tuple(w.shape) != tuple(m.normalized_shape):
+                m.normalized_shape = tuple(int(s) for s in w.shape)
+                m.weight = nn.Parameter(torch.empty_like(w))
+                if m.bias is not None:
+                    m.bias = nn.Parameter(torch.empty_like(w))
+        elif isinstance(m, nn.GroupNorm):
+            n = int(w.shape[0])
+            if n != m.num_channels:
+                m.num_groups = max(1, m.num_groups * n // m.num_channels)
+                m.num_channels = n
+                m.weight = nn.Parameter(torch.empty(n))
+                m.bias = nn.Parameter(torch.empty(n))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:2] or [str(e)[:200]]
+        raise ModelFileError(f"weights do not fit architecture '{model_info['arch']}' even after resizing pruned "
+                             f"layers ({first[0].strip()[:200]})") from None
+    return model.eval()
 
 
 def load_weights_into(model, state: dict, arch: str, where: str) -> None:

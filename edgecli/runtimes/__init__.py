@@ -95,7 +95,7 @@ def get(name: str) -> Any:
     from edgecli.registry import import_target
 
     if name not in BACKENDS:
-        from edgecli.config import did_you_mean
+        from edgecli.registry import did_you_mean
 
         raise ConfigError(f"runtime: unknown runtime '{name}'{did_you_mean(name, BACKENDS)}; "
                           f"choose from {', '.join(names())}")

@@ -44,7 +44,7 @@ CALIB_SAMPLES = 64
 
 def parse(item: str) -> tuple[str, str]:
     """("tflite", "int8") from "tflite:int8"; a ConfigError naming the known names otherwise."""
-    from edgecli.config import did_you_mean
+    from edgecli.registry import did_you_mean
 
     name, _, prec = str(item).partition(":")
     if name not in TARGETS:

@@ -100,34 +100,6 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     return _result(res, state, store)
 
 
-def _prepare(src_model, work: Path, cfg: PipelineConfig, level: str | None, meta: dict) -> tuple[Path, dict]:
-    """Opset, ORT optimisation, de-duplication, metadata: one candidate model.onnx in ``work``."""
-    import onnx
-
-    from edgecli.onnxio import convert_opset, dedupe_initializers, drop_unused_opsets, save_model
-    from edgecli.runtimes.ort import optimize_offline
-
-    notes = {}
-    m = convert_opset(src_model, cfg.export.opset)
-    stage_in = work / "converted.onnx"
-    save_model(m, stage_in)
-    if level:
-        opt = work / f"optimized-{level}.onnx"
-        optimize_offline(stage_in, opt, level)
-        m = onnx.load(str(opt))
-    notes["deduplicated_initializers"] = dedupe_initializers(m)
-    drop_unused_opsets(m)
-    del m.metadata_props[:]
-    for k, v in meta.items():
-        e = m.metadata_props.add()
-        e.key, e.value = k, v
-    m.producer_name = "edgecli"
-    m.producer_version = __version__
-    out = work / f"model-{level or 'none'}.onnx"
-    save_model(m, out)
-    return out, notes
-
-
 def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path, stage: str | None, src: Path,
            state: dict, log):
     """Read the input, take its reference outputs, pick the optimisation level, check parity, publish."""
@@ -206,7 +178,7 @@ def _read_input(cfg: PipelineConfig, stage: str | None, src: Path, work: Path, l
 
 def _choose_level(cfg: PipelineConfig, src_model, work: Path, meta: dict, log):
     """(candidate path, level, graph notes, notes): the configured level, or basic when extended fails a check."""
-    from edgecli.onnxio import full_check
+    from edgecli.onnxio import full_check, prepare_export
     from edgecli.runtimes.ort import convert_to_ort
 
     levels: list[str | None] = [cfg.export.optimization_level] if cfg.export.optimize else [None]
@@ -214,7 +186,7 @@ def _choose_level(cfg: PipelineConfig, src_model, work: Path, meta: dict, log):
         levels.append("basic")
     notes: list[str] = []
     for level in levels:
-        cand, gnotes = _prepare(src_model, work, cfg, level, meta)
+        cand, gnotes = prepare_export(src_model, work, cfg.export.opset, level, meta)
         problem = None
         try:
             full_check(cand)

@@ -41,34 +41,6 @@ def resolve_init_from(ref: str) -> Path:
     raise ConfigError(f"train.init_from: no weights at {p} (give a .safetensors file or a train stage directory)")
 
 
-def model_info(cfg: PipelineConfig, splits, num_classes: int, model) -> dict:
-    io = getattr(model, "onnx_io", None)
-    input_names, output_names = (io()["input_names"], io()["output_names"]) if io else (["input"], ["logits"])
-    return {
-        "arch": cfg.model.arch,
-        "args": cfg.model.args,
-        "num_classes": num_classes,
-        "class_names": splits.class_names,
-        "kind": splits.kind,
-        "input_shape": splits.spec.input_shape,
-        "input_names": input_names,
-        "output_names": output_names,
-        "preprocess": splits.spec.to_dict(),
-        # a CSV's feature columns by name: infer matches a CSV with a header by these, not by position
-        **({"feature_names": list(splits.feature_names), "label_column": cfg.data.label_column}
-           if getattr(splits, "feature_names", None) else {}),
-        **_norm_fix(model),
-    }
-
-
-def _norm_fix(model) -> dict:
-    """model_info keys that let compress/bench rebuild a DP model whose BatchNorm became GroupNorm."""
-    fix = getattr(model, "_edgecli_norm_fix", None)
-    if not fix:
-        return {}
-    return {"norm_fix": "batchnorm->groupnorm", **({"norm_groups": int(fix)} if fix is not True else {})}
-
-
 def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: bool, checkpoint: Path | None,
                         fp: str, device=None, dist=None):
     """Build, initialise, freeze and fit the configured model; return (model, fit_result, notes)."""
@@ -120,41 +92,6 @@ def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: boo
     return model, res, notes
 
 
-def train_federated(cfg: PipelineConfig, splits, *, quiet: bool, resume: bool, grid=None):
-    """train.federated: Flower aggregates, each client runs edgecli's loop; the best-validation global model."""
-    from edgecli.federated import run_federated, serve
-    from edgecli.training import FitResult
-
-    notes = ["--resume does not apply to federated training; all rounds were run"] if resume else []
-    if grid is None:
-        res, _ = run_federated(cfg, splits, config_path=cfg.source, overrides=list(cfg._overrides), quiet=quiet)
-    else:
-        res, _ = serve(cfg, splits, grid, quiet=quiet)
-    fed = cfg.train.federated
-    history = [dict(r, epoch=r["round"]) for r in res.rounds]
-    fit = FitResult(res.best_val_accuracy, res.best_round, len(res.rounds), False, None, history, res.seconds)
-    fit.federated = {"clients": fed.clients, "rounds_run": len(res.rounds), "best_round": res.best_round,
-                     "strategy": fed.strategy, "partition": fed.partition,
-                     "alpha": fed.alpha if fed.partition == "dirichlet" else None,
-                     "aggregation": f"flwr.serverapp.strategy.{'FedProx' if fed.strategy == 'fedprox' else 'FedAvg'} "
-                                    "(weighted by num-examples)", "rounds": res.rounds}
-    failed = sorted({c for r in res.rounds for c in r["failed_clients"]})
-    if failed:
-        notes.append(f"clients {', '.join(map(str, failed))} failed in some rounds; those rounds were aggregated "
-                     "without them (train.federated.min_available_clients was still met)")
-    if cfg.train.privacy is not None:
-        p = cfg.train.privacy
-        fit.privacy = {"epsilon": res.epsilon, "delta": p.delta, "target_epsilon": p.target_epsilon,
-                       "noise_multiplier": p.noise_multiplier, "max_grad_norm": p.max_grad_norm,
-                       "accountant": p.accountant, "poisson_sampling": True,
-                       "mechanism": "DP-SGD (Opacus) on every client; ε is the largest over clients "
-                                    "(sample-level: each sample lives on one client)"}
-        notes.append(f"DP-SGD on every client: ε = {res.epsilon:.2f} at δ = {p.delta:g} (largest over clients)")
-    notes.append(f"federated: {fed.clients} clients, {len(res.rounds)} rounds, best global model of round "
-                 f"{res.best_round} (val acc {res.best_val_accuracy:.4f})")
-    return res.model, fit, notes
-
-
 def _metrics(model, splits, num_classes):
     from edgecli.training import evaluate
 
@@ -189,6 +126,8 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
             state.setdefault("notes", []).append(f"train.amp={cfg.train.amp} applies on CUDA only; "
                                                  f"trained in float32 on {device}")
         if cfg.train.federated is not None:
+            from edgecli.federated import train_federated
+
             model, fitres, notes = train_federated(cfg, splits, quiet=quiet, resume=resume, grid=grid)
         else:
             model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt,
@@ -206,6 +145,8 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
 
 
 def _publishable(w: StageWriter, cfg, splits, model, fitres, state: dict):
+    from edgecli.models import model_info
+
     num_classes = cfg.model.num_classes or splits.num_classes
     info = model_info(cfg, splits, num_classes, model)
     metrics = _metrics(model, splits, num_classes)
@@ -263,50 +204,21 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
     """
     import time
 
-    import torch
     import torch.distributed as tdist
 
     from edgecli.data import load_splits
-    from edgecli.training import broadcast_object, dist_info, init_distributed, pick_device
+    from edgecli.training import dist_info, first_line, is_peer_failure
 
     t0 = time.time()
     d = dist_info()
-    if cfg.train.batch_size % d.world:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is the global batch and must divide evenly "
-                          f"among the {d.world} torchrun processes")
-    device = pick_device(cfg.train.device, d.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    try:
-        init_distributed(device, cfg.train.dist_timeout_s)
-    except tdist.DistError as e:
-        raise EdgeError(f"rank {d.rank}: cannot join the torchrun group ({_first_line(e)})",
-                        hint="check --rdzv_endpoint / MASTER_ADDR:MASTER_PORT is reachable from every node") from None
+    device = _join_group(cfg, d)
     lock_cm = store.lock("torchrun edgecli train") if d.is_main else contextlib.nullcontext()
     state: dict = {}
     if cfg.train.amp != "none" and device.type != "cuda":
         state["notes"] = [f"train.amp={cfg.train.amp} applies on CUDA only; trained in float32 on {device}"]
-    locked = False
+    held = contextlib.ExitStack()  # the lock, once rank 0 holds it
     try:
-        decision, err = "go", None
-        fp, digests = "", ({}, {})
-        try:
-            lock_cm.__enter__()
-            locked = True
-            if d.is_main:
-                decl = declare(cfg)
-                digests = decl.digests(store)
-                fp = decl.fingerprint(*digests)
-                if not force and store.up_to_date(STAGE, fp):
-                    decision = "skip"
-        except EdgeError as e:
-            decision, err = f"error: {e.message}", e
-        decision = broadcast_object(decision)  # every rank leaves together, or none does
-        fp = broadcast_object(fp if d.is_main else "")  # the checkpoint of every rank carries rank 0's
-        if decision.startswith("error"):
-            if err is not None:
-                raise err
-            raise CheckFailed(f"rank {d.rank}: rank 0 stopped the run ({decision[7:]})")
+        decision, fp, decl, digests = _decide(cfg, store, d, force, lambda: held.enter_context(lock_cm))
         if decision == "skip":
             return _result(skipped_result(store, STAGE), {}) if d.is_main else StageResult(STAGE, "skipped", None)
         splits = load_splits(cfg)
@@ -327,51 +239,90 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
         if not d.is_main:
             barrier()
             return StageResult(STAGE, "done", None)
-        w = store.begin(STAGE)
-        w.fingerprint = fp
-        w.inputs.update(digests[0])
-        try:
-            config, metrics, extra = _publishable(w, cfg, splits, model, fitres, state)
-            extra["world_size"] = d.world
-            final = store.publish(w, config=config, fingerprint=fp, metrics=metrics, extra=extra)
-        except BaseException:
-            store.discard(w)
-            raise
-        decl.save_cache()
+        final, metrics = _publish_rank0(cfg, store, state, fp, decl, digests, splits, model, fitres, d.world)
         with contextlib.suppress(OSError):
             ckpt.unlink()
         barrier()  # released: the other ranks may exit now
         outputs = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
         return _result(StageResult(STAGE, "done", final, time.time() - t0, metrics=metrics, outputs=outputs), state)
     except (tdist.DistError, RuntimeError) as e:
-        if not _is_peer_failure(e):
+        if not is_peer_failure(e):
             raise
         where = ckpt.parent if "ckpt" in locals() else store.run_dir
         raise EdgeError(
-            f"rank {d.rank}: another torchrun process failed or stopped answering ({_first_line(e)}); "
+            f"rank {d.rank}: another torchrun process failed or stopped answering ({first_line(e)}); "
             "nothing was published",
             hint=f"torchrun's summary names the rank that failed first; `--resume` continues from the last checkpoint in {where}",
         ) from None
     finally:
-        if locked:
-            lock_cm.__exit__(*sys.exc_info())
+        held.__exit__(*sys.exc_info())
         with contextlib.suppress(Exception):
             tdist.destroy_process_group()
 
 
-def _is_peer_failure(e: BaseException) -> bool:
-    """A collective that failed because another rank died or stalled (gloo/NCCL raise RuntimeError)."""
+def _join_group(cfg, d):
+    """This rank's device, with the torchrun process group joined."""
+    import torch
     import torch.distributed as tdist
 
-    if isinstance(e, tdist.DistError):
-        return True
-    msg = str(e)
-    return any(k in msg for k in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timed out"))
+    from edgecli.training import first_line, init_distributed, pick_device
+
+    if cfg.train.batch_size % d.world:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is the global batch and must divide evenly "
+                          f"among the {d.world} torchrun processes")
+    device = pick_device(cfg.train.device, d.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        init_distributed(device, cfg.train.dist_timeout_s)
+    except tdist.DistError as e:
+        raise EdgeError(f"rank {d.rank}: cannot join the torchrun group ({first_line(e)})",
+                        hint="check --rdzv_endpoint / MASTER_ADDR:MASTER_PORT is reachable from every node") from None
+    return device
 
 
-def _first_line(e: BaseException) -> str:
-    import re
+def _decide(cfg, store: ArtifactStore, d, force: bool, lock):
+    """Take the lock (``lock()``; rank 0's is the real one), then rank 0 decides "go" or "skip" (up to
+    date) and every rank learns it, with rank 0's fingerprint.
 
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo prefixes its source file:line
-    return line.split(". ")[0][:200]
+    Returns (decision, fingerprint, declared inputs, digests); an error on rank 0, the lock's included,
+    stops every rank.
+    """
+    from edgecli.training import broadcast_object
+
+    decision, err, decl = "go", None, None
+    fp, digests = "", ({}, {})
+    try:
+        lock()
+        if d.is_main:
+            decl = declare(cfg)
+            digests = decl.digests(store)
+            fp = decl.fingerprint(*digests)
+            if not force and store.up_to_date(STAGE, fp):
+                decision = "skip"
+    except EdgeError as e:
+        decision, err = f"error: {e.message}", e
+    decision = broadcast_object(decision)  # every rank leaves together, or none does
+    fp = broadcast_object(fp if d.is_main else "")  # the checkpoint of every rank carries rank 0's
+    if decision.startswith("error"):
+        if err is not None:
+            raise err
+        raise CheckFailed(f"rank {d.rank}: rank 0 stopped the run ({decision[7:]})")
+    return decision, fp, decl, digests
+
+
+def _publish_rank0(cfg, store: ArtifactStore, state: dict, fp: str, decl, digests, splits, model, fitres,
+                   world: int):
+    """Rank 0 publishes the trained model like a single-process run; returns (stage dir, metrics)."""
+    w = store.begin(STAGE)
+    w.fingerprint = fp
+    w.inputs.update(digests[0])
+    try:
+        config, metrics, extra = _publishable(w, cfg, splits, model, fitres, state)
+        extra["world_size"] = world
+        final = store.publish(w, config=config, fingerprint=fp, metrics=metrics, extra=extra)
+    except BaseException:
+        store.discard(w)
+        raise
+    decl.save_cache()
+    return final, metrics
