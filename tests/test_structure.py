@@ -5,8 +5,6 @@
 - only edgecli/runtimes/ creates an ``onnxruntime.InferenceSession``;
 - every stages/*.py is at most 350 lines, and no function in stages/ is over 80.
 
-A check that another part of the issue is still fixing is ``xfail(strict=True)`` with the module to
-fix named: it fails the suite the moment the module is fixed, so the mark is removed then.
 """
 
 from __future__ import annotations
@@ -59,8 +57,10 @@ def _imports(name: str) -> set[str]:
             while t and t not in mods:  # `import edgecli.x.attr` style leftovers: the module that holds it
                 t = t.rpartition(".")[0]
             parts = t.split(".")
-            # importing edgecli.a.b runs edgecli/a/__init__.py first
-            out |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
+            # importing edgecli.a.b runs edgecli/a/__init__.py first -- unless edgecli.a is the importer's own
+            # package, which Python has already started initialising before any of its submodules runs
+            implied = {".".join(parts[:i]) for i in range(2, len(parts))}
+            out |= {t} | {pkg for pkg in implied if not name.startswith(pkg + ".")}
     out.discard(name)
     return {m for m in out if m in mods and m != "edgecli"}
 
@@ -125,16 +125,6 @@ def _one_cycle(graph: dict[str, set[str]], comp: set[str]) -> list[str]:
     raise AssertionError(f"no cycle through {start}")  # pragma: no cover
 
 
-# Cycles the other half of issue 15 (structb) is breaking
-KNOWN_CYCLES = {
-    frozenset({"edgecli.compression.prune", "edgecli.compression.distill"}):
-        "edgecli/compression/prune.py <-> distill.py: rebuild_pruned moves to models, the losses to training (structb)",
-    frozenset({"edgecli.config", "edgecli.runtimes"}):
-        "edgecli/config.py <-> runtimes/__init__.py (and runtimes/targets.py): they import did_you_mean from config, "
-        "which moves out of config (structb)",
-}
-
-
 def test_the_import_graph_sees_function_level_imports():
     # the walker itself: a function-level import is an edge, and so is the package a submodule runs first
     g = _graph()
@@ -144,21 +134,9 @@ def test_the_import_graph_sees_function_level_imports():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 
-def test_no_import_cycle_other_than_the_known_ones():
+def test_no_import_cycle():
     cycles = _cycles(_graph())
-    for c in cycles:
-        print("import cycle:", " -> ".join(c))
-    new = [c for c in cycles if not any(set(c) <= k or k <= set(c) for k in KNOWN_CYCLES)]
-    assert not new, "import cycles: " + "; ".join(" -> ".join(c) for c in new)
-
-
-@pytest.mark.parametrize("cycle", [
-    pytest.param(k, id="-".join(sorted(m.rsplit(".", 1)[-1] for m in k)),
-                 marks=pytest.mark.xfail(strict=True, reason=why)) for k, why in KNOWN_CYCLES.items()])
-def test_known_cycle_is_broken(cycle):
-    cycles = _cycles(_graph())
-    hit = [c for c in cycles if cycle <= set(c) or set(c) <= cycle]
-    assert not hit, "still a cycle: " + " -> ".join(hit[0])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
 def _stage_files() -> list[str]:
@@ -166,15 +144,6 @@ def _stage_files() -> list[str]:
 
 
 STAGE_MODULES = [m for m in _stage_files() if m != "edgecli.stages"]
-# what structb's part of issue 15 is splitting (training.fit, compress._build, export's graph utilities)
-STRUCTB_LINES = {"edgecli.stages.compress", "edgecli.stages.train", "edgecli.stages.export"}
-STRUCTB_FUNCTIONS = {"edgecli.stages.compress", "edgecli.stages.train"}
-
-
-def _marks(module: str, owed: set[str], what: str):
-    if module in owed:
-        return [pytest.mark.xfail(strict=True, reason=f"{module.replace('.', '/')}.py: {what} (structb, issue 15)")]
-    return []
 
 
 @pytest.mark.parametrize("module", [pytest.param(m, id=m.rsplit(".", 1)[-1]) for m in STAGE_MODULES])
@@ -202,8 +171,7 @@ def test_only_the_runtime_layer_opens_onnxruntime_sessions():
         ", ".join(f"{_modules()[m].relative_to(PKG.parent)}:{ln}" for m, ln in outside.items())
 
 
-@pytest.mark.parametrize("module", [pytest.param(m, id=m.rsplit(".", 1)[-1] if m != "edgecli.stages" else "__init__",
-                                                 marks=_marks(m, STRUCTB_LINES, f"over {MAX_STAGE_LINES} lines"))
+@pytest.mark.parametrize("module", [pytest.param(m, id=m.rsplit(".", 1)[-1] if m != "edgecli.stages" else "__init__")
                                     for m in _stage_files()])
 def test_stage_module_length(module):
     n = len(_modules()[module].read_text(encoding="utf-8").splitlines())
@@ -220,8 +188,7 @@ def _long_functions(module: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("module", [pytest.param(m, id=m.rsplit(".", 1)[-1] if m != "edgecli.stages" else "__init__",
-                                                 marks=_marks(m, STRUCTB_FUNCTIONS, f"functions over {MAX_FUNCTION_LINES} lines"))
+@pytest.mark.parametrize("module", [pytest.param(m, id=m.rsplit(".", 1)[-1] if m != "edgecli.stages" else "__init__")
                                     for m in _stage_files()])
 def test_no_long_function_in_stages(module):
     long = _long_functions(module)
