@@ -585,7 +585,7 @@ def inputs_of(path: Path) -> list[InputSpec]:
 
 # Run in a child interpreter: a model that makes ONNX Runtime die of a signal (or loop, or print
 # on stdout) takes the child down, never the edgecli process or its --json output.
-_PROBE_CHILD = r"""
+PROBE_PRELUDE = r"""
 import contextlib, json, math, os, sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 with contextlib.suppress(Exception):  # die with the parent (Linux): a killed edgecli leaves no probe behind
@@ -597,6 +597,8 @@ out = sys.stdout
 sys.stdout = sys.stderr  # ONNX Runtime prints provider fallbacks with print()
 def verdict(**kw):
     out.write(json.dumps(kw) + "\n"); out.flush()
+"""
+_PROBE_CHILD = PROBE_PRELUDE + r"""
 try:
     from edgecli.errors import EdgeError
     from edgecli.onnxio import load_onnx
@@ -653,7 +655,7 @@ def probe_model(path: str | Path, *, timeout_s: float = 120.0) -> dict:
     return child_verdict(path, proc.returncode, proc.stdout)
 
 
-def child_verdict(path: Path, returncode: int, stdout: str) -> dict:
+def child_verdict(path: Path, returncode: int, stdout: str, runtime: str = "ONNX Runtime") -> dict:
     """Map a probe child's exit to a result or a ModelFileError (a signal death names the signal)."""
     import json
     import signal
@@ -663,7 +665,7 @@ def child_verdict(path: Path, returncode: int, stdout: str) -> dict:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        raise ModelFileError(f"{path}: ONNX Runtime crashed ({name}) loading or running this model; refused")
+        raise ModelFileError(f"{path}: {runtime} crashed ({name}) loading or running this model; refused")
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     try:
         res = json.loads(lines[-1])

@@ -72,6 +72,23 @@ def require(name: str) -> Any:
     return b
 
 
+def install_errors(method):
+    """For a backend's ``open`` and ``convert``: a runtime package that is installed but does not import
+    (a broken wheel, a missing shared library) is a ConfigError naming the extra, as a missing one is."""
+    import functools
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except ImportError as e:
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"runtime {self.name}: installed but does not import ({line}); "
+                              f"reinstall it with: pip install -e '.[{self.extra}]'") from None
+
+    return guarded
+
+
 def missing_extra(name: str, extra: str, modules: tuple[str, ...]) -> str | None:
     """None when every module in ``modules`` can be found; else the one line a user needs."""
     import importlib.util

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecli.errors import ConfigError, ModelFileError
+from edgecli.runtimes import install_errors
 
 PRECISIONS = ("fp32", "int8")
 
@@ -65,6 +66,7 @@ class _ExecuTorchBackend:
     def candidates(self) -> list[str]:
         return list(PRECISIONS)
 
+    @install_errors
     def convert(self, module, example: tuple, out_path: Path, *, precision: str = "fp32",
                 calib: list[tuple] | None = None) -> Path:
         """``out_path`` (.pte) from ``module`` traced on ``example`` (batch-1 tensors)."""
@@ -93,6 +95,7 @@ class _ExecuTorchBackend:
         out_path.write_bytes(prog.buffer)
         return out_path
 
+    @install_errors
     def open(self, path, *, threads: int = 1, precision: str | None = None) -> _EtSession:
         from executorch.runtime import Runtime
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecli.errors import ConfigError, ModelFileError
+from edgecli.runtimes import install_errors
 
 PRECISIONS = ("fp32", "int8")
 
@@ -70,6 +71,7 @@ class _LiteRtBackend:
     def candidates(self) -> list[str]:
         return list(PRECISIONS)
 
+    @install_errors
     def convert(self, module, example: tuple, out_path: Path, *, precision: str = "fp32",
                 calib: list[tuple] | None = None) -> Path:
         """``out_path`` (.tflite) from ``module`` traced on ``example`` (batch-1 tensors)."""
@@ -99,6 +101,7 @@ class _LiteRtBackend:
         edge.export(str(out_path))
         return out_path
 
+    @install_errors
     def open(self, path, *, threads: int = 1, precision: str | None = None) -> _LiteRtSession:
         from ai_edge_litert.interpreter import Interpreter
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecli.errors import ConfigError, ModelFileError
+from edgecli.runtimes import install_errors
 
 PRECISIONS = ("fp32", "bf16", "int8-weights", "int8-weights+bf16", "int8", "int8+bf16")
 _RT_KEY = ["edgecli", "precision"]
@@ -94,6 +95,7 @@ class _OpenVinoBackend:
             return ["fp32", "bf16", "int8-weights+bf16", "int8+bf16"]
         return ["fp32", "int8-weights", "int8"]
 
+    @install_errors
     def convert(self, onnx_path: Path, out_path: Path, *, precision: str = "fp32", calib: dict | None = None,
                 text: bool = False) -> Path:
         """``out_path`` (.xml, with its .bin) from the float ONNX model at ``precision``."""
@@ -124,6 +126,7 @@ class _OpenVinoBackend:
         ov.save_model(model, str(out_path), compress_to_fp16=precision == "bf16")
         return out_path
 
+    @install_errors
     def open(self, path, *, threads: int = 1, precision: str | None = None) -> _OvSession:
         import openvino as ov
 

@@ -380,6 +380,52 @@ def open_for_infer(path: Path, backend: str, threads: int) -> tuple[InferSession
     return InferSession(sess, card), card
 
 
+_TARGET_PROBE = r"""
+try:
+    import numpy as np
+    from edgecli.errors import ConfigError, EdgeError
+    from edgecli.runtimes.targets import open_for_infer
+    sess, card = open_for_infer(sys.argv[1], sys.argv[2], 1)
+    feeds = {i["name"]: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i["shape"]], dtype=i["dtype"])
+             for i in card.get("inputs") or []}
+    sess.run(None, feeds)
+    verdict(ok=True)
+except ConfigError as e:  # the runtime is not usable here (a broken install): not the model's fault
+    verdict(ok=False, config_error=e.message)
+except EdgeError as e:
+    verdict(ok=False, error=e.message)
+except Exception as e:
+    verdict(ok=False, error=f"{sys.argv[2]} cannot run this model ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
+"""
+
+
+def probe_target(path: Path, backend: str, *, timeout_s: float = 120.0) -> None:
+    """Open ``path`` with ``backend`` and run it once on zeros in a child process (for a target file
+    edgecli did not make: a runtime that aborts on a malformed file takes the child down, not edgecli)."""
+    import contextlib
+    import os
+    import subprocess
+    import sys
+
+    from edgecli.errors import ModelFileError
+    from edgecli.onnxio import PROBE_PRELUDE, child_verdict
+
+    card_for(path)  # no card beside it: the artifact error itself, before any child
+    env = {**os.environ, "EDGECLI_PARENT_PID": str(os.getpid()),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                       os.environ.get("PYTHONPATH")]))}
+    try:
+        proc = subprocess.run([sys.executable, "-c", PROBE_PRELUDE + _TARGET_PROBE, str(path), backend],
+                              capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        raise ModelFileError(f"{path}: {backend} did not load and run this model within {timeout_s:g} s; refused") from None
+    last = ([ln for ln in proc.stdout.splitlines() if ln.startswith("{")] or ["{}"])[-1]
+    with contextlib.suppress(json.JSONDecodeError, AttributeError):
+        if json.loads(last).get("config_error"):
+            raise ConfigError(json.loads(last)["config_error"])
+    child_verdict(path, proc.returncode, proc.stdout, runtime=backend)
+
+
 def target_file(card: dict, export_dir: Path, runtime: str) -> Path:
     """The export bundle's file for ``runtime`` (the auto choice first), or a ConfigError listing what is there."""
     ts = [t for t in card.get("targets", []) if t.get("runtime") == runtime]

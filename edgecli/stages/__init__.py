@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecli.artifacts import ArtifactStore, Declared, StageWriter
-from edgecli.errors import ArtifactError, ConfigError
+from edgecli.errors import ArtifactError, ConfigError, ModelFileError
 
 
 @dataclass
@@ -200,6 +200,23 @@ def resolve_model_input(store: ArtifactStore, ref: str | None, key: str, what: s
 
     if ref in STAGES and ref not in ("train", "compress", "export"):
         raise ConfigError(f"{key}: '{ref}' has no model; use export, compress, train or {what}")
+    from edgecli.runtimes import SUFFIXES
+
+    p = Path(ref).expanduser() if ref is not None and ref not in STAGES else None
+    if p is not None and p.suffix.lower() in SUFFIXES and p.suffix.lower() not in (".onnx", ".ort"):
+        # an export target (.tflite, .pte, .xml): not ONNX, so not ONNX Runtime's probe; its runtime
+        # opens it with the card.json beside it (edgecli.runtimes.targets.open_for_infer)
+        from edgecli.safeio import open_user_file
+
+        with open_user_file(p, f"a {p.suffix} model", 1 << 62, ArtifactError) as f:  # regular file, never blocks
+            if not f.read(8):
+                raise ModelFileError(f"{p}: empty file, not a {p.suffix} model")
+        from edgecli.runtimes import for_file, get
+        from edgecli.runtimes.targets import probe_target
+
+        if not get(for_file(p)).unavailable():  # not installed: the caller's one line names the extra
+            probe_target(p, for_file(p))
+        return p
     return resolve_input(store, ref, ("export", "compress", "train"), key)[1]
 
 

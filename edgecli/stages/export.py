@@ -90,6 +90,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
 
     def build(w: StageWriter):
         stage, src = state["input"]
+        _require_runtimes(cfg)  # a target whose runtime is not installed: its one line before any work
         with _temp_dir("export") as tmp:
             return _build(cfg, store, w, Path(tmp), stage, src, state, log)
 
@@ -98,6 +99,18 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
 
     res.messages += stale_upstream_notes(cfg, store, ("train", "compress"))
     return _result(res, state, store)
+
+
+def _require_runtimes(cfg: PipelineConfig) -> None:
+    """Every runtime export.targets names is usable here, else the ConfigError naming its extra (``auto``
+    builds only what is installed)."""
+    from edgecli import runtimes
+    from edgecli.runtimes.targets import TARGETS, parse
+
+    if cfg.export.targets in ("auto", ["auto"]):
+        return
+    for t in cfg.export.targets:
+        runtimes.require(TARGETS[parse(t)[0]][0])
 
 
 def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path, stage: str | None, src: Path,

@@ -44,7 +44,7 @@ def resolve_model(cfg: PipelineConfig, store: ArtifactStore) -> Path:
     """The model file infer.input names (a stage's model.onnx, verified, or a file path)."""
     from edgecli.stages import resolve_model_input
 
-    return resolve_model_input(store, cfg.infer.input, "infer.input", "an .onnx path")
+    return resolve_model_input(store, cfg.infer.input, "infer.input", "a model file")
 
 
 class Printer:
