@@ -161,3 +161,46 @@ def _quantized(path: Path) -> bool:
            "DynamicQuantizeLinear", "MatMulNBits", "DynamicQuantizeMatMul", "QAttention", "QGemm"}
     return any(n.op_type in ops for n in m.graph.node) or any(
         t.data_type == TensorProto.FLOAT16 for t in m.graph.initializer)
+
+
+def publish(cfg, store, w, work: Path, stage: str | None, src_path: Path, info: dict | None, quantized: bool,
+            feeds: dict, labels, onnx_final: Path, files: dict, log, parity: dict | None = None
+            ) -> tuple[list[dict], dict | None]:
+    """Build, check and publish the configured targets into the export bundle ``w``.
+
+    Returns the card's ``targets`` list (model.onnx and model.ort first) and, for ``auto``, the choice
+    table. A target that fails its gate stops the export (CheckFailed, nothing published), except
+    under ``auto``, where it only loses the choice.
+    """
+    import shutil
+
+    from edgecli.runtimes.targets import _onnx_entries, build_checked, entry, parse, source
+
+    want = cfg.export.targets
+    own = _onnx_entries(files, quantized, parity)
+    if want == "auto" or want == ["auto"]:
+        src = source(cfg, store, stage, src_path, info, quantized, feeds, labels)
+        # a quantized input: its float model is timed beside the candidates, so ratios read against ORT FP32
+        refs = [("onnx fp32 (float input)", runtime_spec("onnxruntime", src.onnx, "fp32"))] if quantized else []
+        winner, table = choose(cfg, src, work, onnx_final, log, refs)
+        if winner is None:
+            return own, table
+        target, precision, built, par, ran = winner
+        for p in built:
+            shutil.copyfile(p, w.path(p.name))
+        return own + [entry(target, precision, [w.path(p.name) for p in built], par, ran)], table
+    extra = [parse(t) for t in want if parse(t)[0] not in ("onnx", "ort")]
+    if not extra:
+        return own, None
+    src = source(cfg, store, stage, src_path, info, quantized, feeds, labels)
+    out = own
+    for target, precision in extra:
+        log(f"building {target} ({precision})")
+        built, par = build_checked(cfg, target, precision, src, work)
+        if not par["passed"]:
+            raise CheckFailed(f"export parity ({target} {precision}, {par['samples']} samples): {par['why']}; "
+                              "nothing was published")
+        for p in built:
+            shutil.copyfile(p, w.path(p.name))
+        out.append(entry(target, precision, [w.path(p.name) for p in built], par))
+    return out, None

@@ -266,7 +266,7 @@ def _publish(cfg: PipelineConfig, w: StageWriter, m, card: dict, level: str | No
         files["required_operators.config"] = {"bytes": cfg_path.stat().st_size, "sha256": sha256_file(cfg_path)}
         card["ort_check"] = ort_check
         state["ort_check"] = ort_check
-    from edgecli.runtimes.targets import publish as publish_targets  # tflite / pte / openvino / auto
+    from edgecli.runtimes.choose import publish as publish_targets  # tflite / pte / openvino / auto
 
     card["targets"], auto = publish_targets(cfg, store, w, work, stage, src_local, info, quantized, feeds, labels,
                                             final, files, log, par)
