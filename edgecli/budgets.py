@@ -23,7 +23,7 @@ def budget_target(want: str | None, targets: list) -> str:
 
     ``targets`` are bench's targets (``label``, ``kind``, ``path``); ``want`` may be a label, a path
     or a file name."""
-    from edgecli.config import did_you_mean
+    from edgecli.registry import did_you_mean
 
     labels = [t.label for t in targets]
     if want is None:

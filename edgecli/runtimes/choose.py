@@ -174,10 +174,10 @@ def publish(cfg, store, w, work: Path, stage: str | None, src_path: Path, info: 
     """
     import shutil
 
-    from edgecli.runtimes.targets import _onnx_entries, build_checked, entry, parse, source
+    from edgecli.runtimes.targets import build_checked, entry, onnx_entries, parse, source
 
     want = cfg.export.targets
-    own = _onnx_entries(files, quantized, parity)
+    own = onnx_entries(files, quantized, parity)
     if want == "auto" or want == ["auto"]:
         src = source(cfg, store, stage, src_path, info, quantized, feeds, labels)
         # a quantized input: its float model is timed beside the candidates, so ratios read against ORT FP32

@@ -233,7 +233,7 @@ def build_checked(cfg, target: str, precision: str, src: Source, out_dir: Path) 
     return files, gate(src, got, precision, cfg.export.parity)
 
 
-def _onnx_entries(files: dict, quantized: bool, parity: dict | None) -> list[dict]:
+def onnx_entries(files: dict, quantized: bool, parity: dict | None) -> list[dict]:
     """The export's own files as card targets (their parity is the export's, against its input)."""
     from edgecli import runtimes
 

@@ -240,7 +240,7 @@ def resolve_input(store: ArtifactStore, ref: str | None, default_order: tuple[st
         return ref, store.require(ref, "model.onnx")
     p = Path(ref).expanduser()
     if p.suffix.lower() not in (".onnx", ".ort") and not p.exists():
-        from edgecli.config import did_you_mean
+        from edgecli.registry import did_you_mean
 
         raise ArtifactError(f"{key}: '{ref}' is neither a stage ({', '.join(STAGES[:3])}){did_you_mean(ref, STAGES)} nor a model file")
     if not p.exists():

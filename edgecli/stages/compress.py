@@ -28,8 +28,7 @@ from edgecli.compression.torchsteps import TORCH_STEPS
 from edgecli.config import PipelineConfig
 from edgecli.errors import ConfigError
 from edgecli.safeio import temp_dir as _temp_dir
-from edgecli.stages import StageResult, Table
-from edgecli.stages import publish_stage as run_stage  # the tuple form, until this stage moves to run_stage
+from edgecli.stages import StageResult, Table, publish_stage
 
 STAGE = "compress"
 
@@ -143,7 +142,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
         with _temp_dir("compress") as tmp:
             return _build(cfg, store, w, Path(tmp), stage, src_path, state, quiet, log)
 
-    res = run_stage(store, STAGE, fp, force, build, command="edgecli compress")
+    res = publish_stage(store, STAGE, fp, force, build, command="edgecli compress")
     from edgecli.stages import stale_upstream_notes
 
     res.messages += stale_upstream_notes(cfg, store, ("train",))

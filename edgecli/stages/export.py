@@ -36,8 +36,7 @@ from edgecli.artifacts import ArtifactStore, Declared, StageWriter, sha256_file
 from edgecli.config import PipelineConfig
 from edgecli.errors import CheckFailed, ConfigError, ModelFileError
 from edgecli.safeio import temp_dir as _temp_dir
-from edgecli.stages import StageResult, Table
-from edgecli.stages import publish_stage as run_stage  # the tuple form, until this stage moves to run_stage
+from edgecli.stages import StageResult, Table, publish_stage
 
 STAGE = "export"
 
@@ -94,7 +93,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
         with _temp_dir("export") as tmp:
             return _build(cfg, store, w, Path(tmp), stage, src, state, log)
 
-    res = run_stage(store, STAGE, fp, force, build, command="edgecli export")
+    res = publish_stage(store, STAGE, fp, force, build, command="edgecli export")
     from edgecli.stages import stale_upstream_notes
 
     res.messages += stale_upstream_notes(cfg, store, ("train", "compress"))

@@ -10,8 +10,7 @@ from pathlib import Path
 from edgecli.artifacts import ArtifactStore, Declared, StageWriter, write_json_atomic
 from edgecli.config import PipelineConfig, dump_config
 from edgecli.errors import CheckFailed, ConfigError, EdgeError
-from edgecli.stages import StageResult, Table, skipped_result
-from edgecli.stages import publish_stage as run_stage  # the tuple form, until this stage moves to run_stage
+from edgecli.stages import StageResult, Table, publish_stage, skipped_result
 
 STAGE = "train"
 
@@ -137,7 +136,7 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
         state.setdefault("notes", []).extend(notes)
         return _publishable(w, cfg, splits, model, fitres, state)
 
-    res = run_stage(store, STAGE, lambda: declare(cfg), force, build, command="edgecli train")
+    res = publish_stage(store, STAGE, lambda: declare(cfg), force, build, command="edgecli train")
     if res.status == "done":
         with contextlib.suppress(OSError):
             (store.checkpoint_dir(STAGE) / "last.pt").unlink()
