@@ -215,7 +215,9 @@ def test_compress_cli_prune_publishes_pruned_weights_and_onnx(trained_cnn, copy_
     p = copy_pipeline(trained_cnn)
     p.cfg["compress"] = {"steps": [{"prune": {"ratio": 0.5, "finetune_epochs": 2,
                                               "distill": {"alpha": 0.5, "temperature": 4.0}}}],
-                         "max_accuracy_drop": 0.05}
+                         # the pruning mechanics, not the latency choice: under `objective: latency` whether
+                         # this tiny CNN's pruned model is confirmed faster depends on the machine's noise
+                         "max_accuracy_drop": 0.05, "objective": "size"}
     write_config(p.config, p.cfg)
     r = edgecli("compress", "-c", str(p.config), "-q", cwd=p.dir)
     assert r.returncode == 0, r.stderr
