@@ -172,6 +172,22 @@ def stop(proc) -> int:
     return stop_server(proc)
 
 
+def _client_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _proc_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of a process, all its threads (Linux /proc), or None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def held(row: dict) -> bool:
     return (row["errors"] == 0 and row["achieved_qps"] >= 0.95 * row["offered_qps"]
             and row["p99_ms"] is not None and row["p99_ms"] < P99_LIMIT_MS)
@@ -187,7 +203,12 @@ def measure(kind: str, cfg: Path, sets: list[str], bodies, seconds: float, bisec
         run_load(url + "/v1/predict", bodies, 500, 0.5)  # warm the connections and the server's first batches
 
         def step(qps: float) -> dict:
+            c0, s0, t0 = _client_cpu(), _proc_cpu(proc.pid), time.perf_counter()
             row = run_load(url + "/v1/predict", bodies, qps, seconds, max_in_flight=256)
+            wall = time.perf_counter() - t0
+            # CPU of each side as % of one core over the step (2 cores: 200% is the whole machine)
+            row["client_cpu_pct"] = round(100 * (_client_cpu() - c0) / wall)
+            row["server_cpu_pct"] = round(100 * (_proc_cpu(proc.pid) - s0) / wall) if s0 is not None else None
             row["held"] = held(row)
             rows.append(row)
             print(f"[{kind}] {qps:7.0f} req/s offered: achieved {row['achieved_qps']:7.0f}, p99 {row['p99_ms']} ms, "
@@ -264,14 +285,19 @@ def _scrape(url: str) -> dict:
 
 
 def table(res: dict) -> str:
-    head = f"{'offered':>9} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>7} {'lag p99':>8}  held"
+    head = f"{'offered':>9} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'errors':>7} {'lag p99':>8} {'srv cpu':>8} {'cli cpu':>8}  held"
     lines = [f"== {res['server']} ==", head]
     for r in res["rows"]:
         lines.append(f"{r['offered_qps']:9.0f} {r['achieved_qps']:9.0f} {r['p50_ms']:8.3f} {r['p90_ms']:8.3f} "
-                     f"{r['p99_ms']:8.3f} {r['errors']:7d} {r['lag_p99_ms']:8.3f}  {'yes' if r['held'] else 'no'}"
+                     f"{r['p99_ms']:8.3f} {r['errors']:7d} {r['lag_p99_ms']:8.3f} {_pct(r['server_cpu_pct'])} "
+                     f"{_pct(r['client_cpu_pct'])}  {'yes' if r['held'] else 'no'}"
                      if r["p50_ms"] is not None else f"{r['offered_qps']:9.0f} {'-':>9} {'-':>8} {'-':>8} {'-':>8} "
                      f"{r['errors']:7d} {'-':>8}  no")
     return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return f"{'-' if v is None else str(v) + '%':>8}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
           f"max_wait_ms={c.serve.max_wait_ms:g}, threads={c.serve.threads}; loopback, client (edgecli/loadgen.py, "
           f"Poisson, {seconds:g} s per load) and server on the same {os.cpu_count()} cores; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
-    print("sustained = achieved >= 0.95 x offered, 0 errors, p99 < 10 ms; lag = the client's own lateness (ms)\n")
+    print("sustained = achieved >= 0.95 x offered, 0 errors, p99 < 10 ms; lag = the client's own lateness (ms);\n"
+          "srv/cli cpu = CPU of the server process (all threads) / of this client process, % of one core\n")
     for res in results:
         print(table(res), "\n")
     print(f"{'server':<10} {'sustained req/s':>16} {'p99 at 1000 req/s':>18}  exit")

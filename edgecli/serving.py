@@ -508,7 +508,10 @@ def make_server(app: App, *, on_listening=None, graceful_s: float = 30.0):
     config = uvicorn.Config(
         app, loop="uvloop" if have("uvloop") else "asyncio", http="httptools" if have("httptools") else "h11",
         lifespan="on", access_log=False, log_level="warning", server_header=False, date_header=False,
-        timeout_graceful_shutdown=graceful_s, ws="none")
+        timeout_graceful_shutdown=graceful_s, ws="none",
+        # no X-Forwarded-For rewriting: nothing here reads the client address, and uvicorn's middleware
+        # parses the peer's IP (ipaddress) on every request: 3.5 us of a ~250 us request, for nothing
+        proxy_headers=False)
     return _Server(config)
 
 
