@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", choices=SERVERS, default=None, help="also profile this server (cProfile)")
     ap.add_argument("--profile-qps", type=float, default=3000.0)
     ap.add_argument("--workdir", default=None, help="keep the trained model and profile here (default: a temp dir)")
+    ap.add_argument("--serve-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the servers, e.g. serve.max_wait_ms=0 (repeatable)")
     ap.add_argument("--json", default=None, help="also write every figure to this file")
     ap.add_argument("--_server", choices=SERVERS[1:], help=argparse.SUPPRESS)
     ap.add_argument("-c", dest="config", help=argparse.SUPPRESS)
@@ -332,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         cfg, sets = prepare(workdir, a.epochs)
+        sets = sets + a.serve_set
         # the bodies bench.serve sends: random 8x8 pixel images as infer's JSON requests
         from edgecli.config import load_config
 
