@@ -14,7 +14,7 @@ them as one batch, and answers each request. A full queue answers 503 with ``Ret
 
 Why a raw ASGI app rather than FastAPI or Starlette: benchmarks/serve.py measures the three side by
 side on the same batcher and model; the request path here is a few dictionary look-ups, with no
-routing tables, no pydantic per request and no middleware stack (see README "Serving" for figures).
+routing tables, no pydantic per request and no middleware stack (figures in README "serve").
 Multipart bodies are parsed with the standard library's ``email`` parser: the body is already whole
 in memory and bounded by ``max_request_bytes``, so a streaming parser (python-multipart) would buy
 nothing and add a dependency.
