@@ -479,3 +479,31 @@ def test_fidelity_metric_is_chosen_from_the_output(tmp_path):
     assert output_kind(model(100, "y"), None, 100)[0] == "class_scores"  # the data's class count
     assert output_kind(model(100, "logits"), None, None)[0] == "class_scores"
     assert output_kind(model(10, "logits"), {"output_names": ["embedding"]}, None)[0] == "embedding"
+
+
+def test_decompression_bomb_in_an_imagefolder_is_skipped_by_name_not_the_end_of_training(tmp_path):
+    """Issue 12, section 6: one PNG whose header claims 30000x30000 pixels (PIL's DecompressionBombError)
+    is a per-input error: train runs on the other images, names the file it skipped and records it."""
+    import struct
+    import zlib
+
+    root = tmp_path / "imgs"
+    for c, v in (("dark", 40), ("light", 200)):
+        for i in range(8):
+            _png(root / c / f"{i}.png", v, i + v)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    (root / "dark" / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    cfg, store = _cfg(tmp_path, {"dataset": "imagefolder", "path": str(root)})
+    res = _train(cfg, store)
+    assert res.status == "done"
+    said = [m for m in res.messages if "bomb.png" in m]
+    assert said and "900000000 pixels" in said[0] and "skipped" in said[0], res.messages
+    manifest = store.manifest("train")
+    assert sum(manifest["split_sizes"].values()) == 16  # the 16 readable images, not the bomb
+    assert [s["file"] for s in manifest["skipped_inputs"]] == ["dark/bomb.png"]
+    assert "data:dark/bomb.png" in manifest["inputs"]  # still declared: replacing it reruns train

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class Splits:
     kind: str
     source: str
     feature_names: list[str] | None = None  # table data: the feature columns by name, in model order
+    skipped: list[dict] = field(default_factory=list)  # per-input errors left out (RawDataset.skipped)
 
     @property
     def num_classes(self) -> int:
@@ -138,4 +139,4 @@ def load_splits(cfg) -> Splits:
         return Split(x, ds.y[idx], raw)
 
     return Splits(make(tr), make(va), make(te), spec, ds.class_names, ds.kind, ds.source,
-                  getattr(ds, "feature_names", None))
+                  getattr(ds, "feature_names", None), list(getattr(ds, "skipped", None) or []))

@@ -6,7 +6,7 @@ without importing each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,9 @@ class RawDataset:
     kind: str  # "image" | "table" | "text"
     source: str
     feature_names: list[str] | None = None  # table: the CSV's feature columns, in the order the model takes them
+    # inputs left out as per-input errors (an imagefolder's unreadable image or decompression bomb):
+    # [{"file": path relative to data.path, "error": the one-line reason}], reported by train
+    skipped: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.y)

@@ -36,10 +36,16 @@ def load_imagefolder(cfg) -> RawDataset:
     classes, files = list_imagefolder(root, cfg.class_names)
     # grayscale dataset unless any image has colour
     channels = 3 if any(image_is_colour(f) for f, _ in files[:200]) else 1
-    imgs, ys = [], []
+    imgs, ys, skipped = [], [], []
     for f, label in files:
-        imgs.append(load_image_file(str(f), channels))
+        try:  # one unreadable image or decompression bomb is a per-input error, not the end of the run
+            imgs.append(load_image_file(str(f), channels))
+        except DataError as e:
+            skipped.append({"file": f.relative_to(root).as_posix(), "error": e.message})
+            continue
         ys.append(label)
+    if not imgs:
+        raise DataError(f"data.path: no readable image under {root} ({skipped[0]['error']})")
     sizes = {a.shape[:2] for a in imgs}
     if len(sizes) > 1:
         if not cfg.preprocess.resize:
@@ -51,7 +57,7 @@ def load_imagefolder(cfg) -> RawDataset:
     x = np.stack(imgs)
     y = np.asarray(ys, np.int64)
     check_labels(y, classes, str(root))
-    return RawDataset(x, y, classes, "image", str(root))
+    return RawDataset(x, y, classes, "image", str(root), skipped=skipped)
 
 
 def load_csv(cfg) -> RawDataset:

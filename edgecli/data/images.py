@@ -95,8 +95,9 @@ def decode_image(data: bytes, channels: int, name: str) -> np.ndarray:
             im = _to_8bit(im)
             mode = "L" if channels == 1 else "RGB"
             arr = np.asarray(im.convert(mode))
-    except Image.DecompressionBombError:
-        raise DataError(f"{name}: over Pillow's pixel limit (a decompression bomb?); refused") from None
+    except Image.DecompressionBombError as e:  # Image.open's own check, before ours: say what its header claims
+        claim = str(e).split(",")[0].strip().rstrip(".")
+        raise DataError(f"{name}: over Pillow's pixel limit (a decompression bomb?): {claim}; refused") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         raise DataError(f"{name}: not a readable image ({type(e).__name__})") from None
     if arr.ndim == 2:

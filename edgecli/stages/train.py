@@ -118,6 +118,8 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
         ckpt = store.checkpoint_dir(STAGE) / "last.pt"
         if resume and not ckpt.is_file():
             state["notes"] = [f"--resume: no checkpoint in {ckpt.parent}; starting from epoch 1"]
+        if splits.skipped:
+            state.setdefault("notes", []).append(skipped_note(splits.skipped))
         from edgecli.training import pick_device
 
         device = pick_device(cfg.train.device)
@@ -176,11 +178,19 @@ def _publishable(w: StageWriter, cfg, splits, model, fitres, state: dict):
     extra = {"model_info": info, "parity": par, "history": fitres.history, "seed": cfg.seed,
              "resumed_from_epoch": fitres.resumed_from_epoch, "data_source": splits.source,
              "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}}
+    if splits.skipped:
+        extra["skipped_inputs"] = splits.skipped
     if fitres.privacy is not None:
         extra["privacy"] = fitres.privacy
     if fitres.federated is not None:
         extra["federated"] = {k: v for k, v in fitres.federated.items() if k != "rounds"}
     return cfg.section("train"), headline, extra
+
+
+def skipped_note(skipped: list[dict], show: int = 5) -> str:
+    """One line naming the inputs the loader left out as per-input errors (the manifest lists them all)."""
+    listed = "; ".join(s["error"] for s in skipped[:show]) + (f"; and {len(skipped) - show} more" if len(skipped) > show else "")
+    return f"data: skipped {len(skipped)} unreadable input(s), trained on the rest (manifest: skipped_inputs): {listed}"
 
 
 def _result(res: StageResult, state: dict) -> StageResult:
