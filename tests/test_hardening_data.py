@@ -92,17 +92,38 @@ def test_empty_folders(tmp_path):
 # --------------------------------------------------------------------------- unreadable files
 
 
-@pytest.mark.parametrize("case", ["garbage", "truncated", "dir", "broken_link", "fifo"])
-def test_unreadable_image_in_a_folder(tmp_path, case):
+@pytest.mark.parametrize("case", ["garbage", "truncated"])
+def test_an_undecodable_image_in_a_folder_is_skipped_by_name(tmp_path, case):
+    """A PNG that does not decode is a per-input error (issue 12, section 6): the loader leaves it out,
+    names it and why, and loads the rest; train reports it (tests/test_trust.py runs the stage)."""
     root = _images(tmp_path / "imgs")
     bad = root / "a" / "zz.png"
     if case == "garbage":
         bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
-        match = "zz.png: not a readable image"
-    elif case == "truncated":
+    else:
         bad.write_bytes((root / "a" / "0.png").read_bytes()[:30])
-        match = "zz.png: not a readable image"
-    elif case == "dir":
+    before = snapshot(tmp_path)
+    splits = load_splits(_cfg(dataset="imagefolder", path=str(root)))
+    assert snapshot(tmp_path) == before
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 12  # the 12 good images, not zz.png
+    assert [s["file"] for s in splits.skipped] == ["a/zz.png"]
+    assert "zz.png: not a readable image" in splits.skipped[0]["error"]
+    assert "\n" not in splits.skipped[0]["error"]
+
+
+def test_a_folder_where_no_image_decodes_is_refused(tmp_path):
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        (root / c / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    _refused(tmp_path, "no readable image under .*x.png: not a readable image", dataset="imagefolder", path=str(root))
+
+
+@pytest.mark.parametrize("case", ["dir", "broken_link", "fifo"])
+def test_unreadable_image_in_a_folder(tmp_path, case):
+    root = _images(tmp_path / "imgs")
+    bad = root / "a" / "zz.png"
+    if case == "dir":
         bad.mkdir()
         match = "zz.png: not a regular image file"
     elif case == "broken_link":
