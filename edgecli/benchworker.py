@@ -396,7 +396,12 @@ def main(argv: list[str]) -> int:
     spec_path, out_path = Path(argv[0]), Path(argv[1])
     spec = SimpleNamespace(**json.loads(spec_path.read_text()))
     try:
-        res = MEASURE[spec.kind](spec)
+        if getattr(spec, "profile", None):  # bench --profile: a short run with the runtime's profiler on
+            from edgecli.runtimes.profile import run as profile_run
+
+            res = profile_run(spec)
+        else:
+            res = MEASURE[spec.kind](spec)
         res["ok"] = True
     except Exception as e:  # noqa: BLE001 - reported to the parent, which turns it into a one-line error
         res = _error(e)

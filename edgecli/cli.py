@@ -214,6 +214,8 @@ def bench(
     set_: SetOpt = None,
     force: ForceOpt = False,
     baseline: Annotated[Path | None, typer.Option("--baseline", help="an earlier results.json to compare with")] = None,
+    profile: Annotated[bool, typer.Option("--profile", help="also profile each model with its runtime's own profiler "
+                                          "(bench.profile): top operators by share of time, a file per model")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -223,7 +225,8 @@ def bench(
 
     Always measures again (results are observations, never "up to date"); --force changes nothing.
     """
-    _invoke("bench", config, set_, force=force, json_out=json_out, quiet=quiet, verbose=verbose, dry_run=dry_run,
+    sets = (set_ or []) + (["bench.profile=true"] if profile else [])
+    _invoke("bench", config, sets, force=force, json_out=json_out, quiet=quiet, verbose=verbose, dry_run=dry_run,
             baseline=baseline)
 
 

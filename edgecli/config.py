@@ -357,6 +357,8 @@ class BenchConfig(_Strict):
     serve: ServeBenchConfig | None = Field(None, description="the server scenario; unset: not run")
     runtimes: list[str] | None = Field(None, description="runtimes whose export targets get a row (litert, "
                                        "executorch, openvino, onnxruntime); default: every target in the export bundle")
+    profile: bool = Field(False, description="after timing, one short run per model with its runtime's own "
+                          "profiler: a profile-<model> file each and the top operators by share of time")
 
     @field_validator("runtimes")
     @classmethod

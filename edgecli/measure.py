@@ -170,8 +170,53 @@ def _record(t: Target, prov: str, threads: int, res: WorkerResult, processes: in
     return m, rows
 
 
-def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], quiet: bool) -> tuple[list[dict], list[dict], list[str]]:
-    """(rows, measurements, notes): ``bench.repeats`` fresh workers per model x provider x thread count.
+def _profiles(cfg: PipelineConfig, jobs: list, tmp: Path, out_dir: Path, quiet: bool) -> list[dict]:
+    """bench --profile: after the timed workers, one short profile worker per model and provider at the first
+    thread count and smallest batch (edgecli.runtimes.profile); its files go to ``out_dir``. A runtime without
+    a profiler, or a profile run that fails, is a record with ``unavailable`` (the timed figures stand)."""
+    from edgecli.report import info
+    from edgecli.runtimes.profile import counts, file_stem, unavailable
+
+    bc = cfg.bench
+    runs, warmup = counts(bc.runs, bc.warmup)
+    many = len({prov for t, prov, _, _ in jobs if t.kind == "onnx"}) > 1
+    out: list[dict] = []
+    taken: set[str] = set()
+    for t, prov, threads, spec in jobs:
+        if t.kind == "torch" or threads != bc.threads[0]:
+            continue
+        rt = t.runtime or {}
+        rec = {"model": t.label, "provider": _where_ran(t, prov), "runtime": rt.get("runtime", "onnxruntime"),
+               "precision": rt.get("precision")}
+        why = unavailable(rec["runtime"])
+        if why:
+            out.append({**rec, "unavailable": why})
+            continue
+        stem = file_stem(out_dir, t.label, short_provider(prov) if many and t.kind == "onnx" else None, taken)
+        pspec = spec.model_copy(update={"profile": str(stem), "batch_sizes": [min(spec.batch_sizes)], "runs": runs,
+                                        "warmup": warmup, "min_time_s": None, "y": None})
+        if not quiet:
+            info(f"bench: profiling {t.label} on {rec['provider']} ({runs} runs)")
+        idx = len(list(tmp.glob("pspec*.json")))
+        try:
+            res = launch_worker(pspec, tmp / f"pspec{idx}.json", tmp / f"pout{idx}.json",
+                                f"bench: the worker profiling {t.label}", omp_threads=threads)
+        except CheckFailed as e:
+            out.append({**rec, "unavailable": f"profiling failed: {e.message}"})
+            continue
+        if not res.ok or not res.profile:
+            for f in out_dir.glob(stem.name + ".*"):  # nothing half-written is published
+                f.unlink()
+            out.append({**rec, "unavailable": f"profiling failed: {res.error}"})
+            continue
+        out.append({**rec, **{k: v for k, v in res.profile.items() if v is not None}})
+    return out
+
+
+def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], quiet: bool,
+            profile_dir: Path | None = None) -> tuple[list[dict], list[dict], list[str], list[dict]]:
+    """(rows, measurements, notes, profiles): ``bench.repeats`` fresh workers per model x provider x thread count;
+    then, with ``profile_dir``, one profile worker per model and provider (``_profiles``; else no profiles).
 
     The repeats run in interleaved order (every model once, then every model again...), so drift in
     machine load hits all models alike, and per-process effects (which core, memory placement:
@@ -202,8 +247,9 @@ def measure(cfg: PipelineConfig, targets: list[Target], providers: list[str], qu
             m, mrows = _record(t, prov, threads, merge_repeats(runs), len(runs), notes)
             measurements.append(m)
             rows += mrows
+        profiles = _profiles(cfg, jobs, tmp, profile_dir, quiet) if profile_dir is not None else []
     base = {(r["batch"], r["threads"]): r["p50_ms"] for r in rows if r["kind"] == "torch"}
     for r in rows:
         ref = base.get((r["batch"], r["threads"]))
         r["speedup_vs_pytorch"] = ref / r["p50_ms"] if ref and r["p50_ms"] > 0 else None
-    return rows, measurements, notes
+    return rows, measurements, notes, profiles

@@ -96,14 +96,15 @@ class _ExecuTorchBackend:
         return out_path
 
     @install_errors
-    def open(self, path, *, threads: int = 1, precision: str | None = None) -> _EtSession:
+    def open(self, path, *, threads: int = 1, precision: str | None = None, etdump: bool = False) -> _EtSession:
+        """``etdump``: the runtime's event tracer on (ETDump, read by edgecli.runtimes.profile)."""
         from executorch.runtime import Runtime
 
         from edgecli.runtimes import TensorSpec
 
         _set_threads(threads)
         try:
-            program = Runtime.get().load_program(Path(path))
+            program = Runtime.get().load_program(Path(path), enable_etdump=etdump)
             method = program.load_method("forward")
         except Exception as e:  # noqa: BLE001 - the runtime raises RuntimeError with its status code
             raise ModelFileError(f"{path}: ExecuTorch cannot load this program "
@@ -115,7 +116,9 @@ class _ExecuTorchBackend:
                               _dtype(meta.output_tensor_meta(i).dtype())) for i in range(meta.num_outputs())]
         # a .pte does not say how it was quantized; edgecli names the INT8 file model-int8.pte
         precision = precision or ("int8" if "int8" in Path(path).stem else "fp32")
-        return _EtSession(method, precision, inputs, outputs)
+        sess = _EtSession(method, precision, inputs, outputs)
+        sess.program = program  # write_etdump_result_to_file lives on the program
+        return sess
 
 
 def _set_threads(threads: int) -> None:

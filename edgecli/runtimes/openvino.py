@@ -127,7 +127,8 @@ class _OpenVinoBackend:
         return out_path
 
     @install_errors
-    def open(self, path, *, threads: int = 1, precision: str | None = None) -> _OvSession:
+    def open(self, path, *, threads: int = 1, precision: str | None = None, perf_count: bool = False) -> _OvSession:
+        """``perf_count``: the plugin's per-node performance counters on (edgecli.runtimes.profile)."""
         import openvino as ov
 
         core = ov.Core()
@@ -140,7 +141,7 @@ class _OpenVinoBackend:
         if _hint(precision) == "bf16" and not cpu_has_bf16():
             precision = precision.replace("bf16", "").rstrip("+") or "fp32"
         cfg = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-               "INFERENCE_PRECISION_HINT": _hint(precision)}
+               "INFERENCE_PRECISION_HINT": _hint(precision), **({"PERF_COUNT": True} if perf_count else {})}
         try:
             compiled = core.compile_model(model, "CPU", cfg)
         except Exception as e:  # noqa: BLE001

@@ -33,8 +33,11 @@ def resolve_providers(requested: list[str] | None) -> tuple[list[str], list[str]
 
 
 def make_session(path: str | Path, *, threads: int = 1, providers: list[str] | None = None,
-                 optimization: str = "all", log_errors_only: bool = True):
-    """An InferenceSession with explicit threads (intra-op) and sequential execution."""
+                 optimization: str = "all", log_errors_only: bool = True, profile_prefix: str | None = None):
+    """An InferenceSession with explicit threads (intra-op) and sequential execution.
+
+    ``profile_prefix``: ONNX Runtime's own profiler on, its chrome-trace JSON written by
+    ``end_profiling()`` to ``<prefix>_<timestamp>.json`` (edgecli.runtimes.profile)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -47,6 +50,9 @@ def make_session(path: str | Path, *, threads: int = 1, providers: list[str] | N
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     if log_errors_only and not os.environ.get("EDGECLI_VERBOSE"):
         # fatal only: a failure's text reaches the user in our one-line error instead
         so.log_severity_level = 4

@@ -47,6 +47,7 @@ class WorkerSpec(BaseModel):
     precision: str | None = None
     input_names: list[str] | None = None
     embedder: bool | None = None
+    profile: str | None = None  # set: a profile run instead (edgecli.runtimes.profile), files at this path + suffix
 
 
 class BatchTiming(BaseModel):
@@ -90,6 +91,7 @@ class WorkerResult(BaseModel):
     ran_precision: str | None = None
     torch_imported: bool = False
     pid: int | None = None
+    profile: dict | None = None  # a profile run's operators (edgecli.runtimes.profile.summary)
 
 
 def run_worker(spec: WorkerSpec, sp: Path, op: Path, what: str, *, omp_threads: int | None = None) -> WorkerResult:

@@ -11,7 +11,8 @@ of config and inputs, so skipping as "up to date" would show stale numbers (and 
 checks budgets must measure). ``--force`` is accepted and changes nothing.
 
 Outputs in ``<run>/bench/``: results.json (every raw latency too), results.md (also appended to
-``$GITHUB_STEP_SUMMARY`` when set) and pareto.png. Broken budgets are reported after the results
+``$GITHUB_STEP_SUMMARY`` when set) and pareto.png; with ``--profile`` (``bench.profile``) also one
+``profile-<model>.*`` file per model from its runtime's own profiler (edgecli/runtimes/profile.py). Broken budgets are reported after the results
 are published (so CI can upload them) and make the command exit 1.
 """
 
@@ -177,10 +178,10 @@ def _regression(cfg: PipelineConfig, rows: list[dict], base_data: dict | None, b
 
 def _results(cfg: PipelineConfig, store: ArtifactStore, targets: list[Target], target: str, providers: list[str],
              skipped_info: list[dict], notes: list[str], base_data: dict | None, baseline: Path | None,
-             quiet: bool) -> dict:
-    """Measure, check budgets and the baseline: the whole results.json."""
+             quiet: bool, profile_dir: Path | None = None) -> dict:
+    """Measure, check budgets and the baseline: the whole results.json (profiles too, with ``profile_dir``)."""
     env = environment()
-    rows, measurements, mnotes = measure(cfg, targets, providers, quiet)
+    rows, measurements, mnotes, profiles = measure(cfg, targets, providers, quiet, profile_dir)
     if not rows:
         raise CheckFailed("bench: nothing could be measured (every batch size was skipped)")
     allnotes = notes + mnotes
@@ -197,6 +198,8 @@ def _results(cfg: PipelineConfig, store: ArtifactStore, targets: list[Target], t
         "measurements": measurements, "rows": rows, "skipped": skipped_info,
         "budgets": budgets, "regression": regression, "notes": allnotes, "failures": fails,
     }
+    if profile_dir is not None:  # bench --profile: where the time goes, per model (edgecli.runtimes.profile)
+        results["profiles"] = profiles
     if cfg.bench.serve is not None:  # the server scenario: `edgecli serve` on loopback under Poisson load
         from edgecli.loadgen import server_scenario
 
@@ -238,6 +241,12 @@ def render(res: StageResult, results: dict) -> StageResult:
     serve = scenario_table(results["serve"]) if results.get("serve") else None
     res.tables += [Table(title, cols, rows) for title, cols, rows in bench_tables(results, serve)]
     res.messages = results["notes"] + res.messages
+    if results.get("profiles"):
+        from edgecli.runtimes.profile import tables
+
+        ptables, lines = tables(results["profiles"])
+        res.tables += [Table(title, cols, rows) for title, cols, rows in ptables]
+        res.messages += lines
     res.details = {k: v for k, v in results.items() if k != "rows"}
     res.details["rows"] = [{k: v for k, v in r.items() if k != "latencies_ns"} for r in results["rows"]]
     if results["failures"]:
@@ -271,7 +280,8 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     providers, skipped_info = _providers(cfg, notes)
 
     def build(w: StageWriter) -> Built:
-        results = _results(cfg, store, targets, target, providers, skipped_info, notes, base_data, baseline, quiet)
+        results = _results(cfg, store, targets, target, providers, skipped_info, notes, base_data, baseline, quiet,
+                           w.dir if cfg.bench.profile else None)
         _write(cfg, w, results)
         return Built(cfg.section("bench"), _headline(cfg, results), {"environment": results["environment"]}, results)
 
