@@ -70,10 +70,11 @@ def run(spec) -> dict:
 
 
 def summary(ops: dict[str, list[float]], path: Path | None, runs: int, group: str) -> dict:
-    """``ops``: op -> [total ms, calls] over the profiled runs; shares of the summed operator time."""
+    """``ops``: op -> [total ms, calls] over the profiled runs; shares of the summed operator time.
+    ``file``: the profile file's name, in the bench stage's directory (it is written before publishing)."""
     total = sum(v[0] for v in ops.values())
     rows = sorted(ops.items(), key=lambda kv: -kv[1][0])
-    return {"file": str(path) if path else None, "runs": runs, "group": group, "op_ms": total,
+    return {"file": path.name if path else None, "runs": runs, "group": group, "op_ms": total,
             "op_ms_per_run": total / runs if runs else None,
             "ops": [{"op": k, "total_ms": v[0], "calls": int(v[1]), "share": v[0] / total if total > 0 else 0.0}
                     for k, v in rows]}
