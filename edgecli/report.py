@@ -227,11 +227,25 @@ def markdown(results: dict) -> str:
             res = regression_verdict(c).replace("REGRESSED", "**REGRESSED**")
             lines.append(f"| {c['model']} | {c['provider']} | {c['batch']} | {c['threads']} | {fmt_ms(c['baseline_p95_ms'])} | "
                          f"{fmt_ms(c['p95_ms'])} | {c['change']:+.1%} | {res} |")
+    if results.get("profiles"):  # bench --profile
+        lines += _profile_markdown(results["profiles"])
     if results["notes"]:
         lines += [""] + [f"- {n}" for n in results["notes"]]
     if results["failures"]:
         lines += ["", "**Failed:** " + "; ".join(results["failures"])]
     return "\n".join(lines) + "\n"
+
+
+def _profile_markdown(profiles: list[dict]) -> list[str]:
+    """results.md's "where the time goes": the top operators of each profiled model (bench --profile)."""
+    from edgecli.runtimes.profile import tables
+
+    ptables, plines = tables(profiles, top=5)
+    lines: list[str] = []
+    for title, cols, rows in ptables:
+        lines += ["", f"### {title}", "", "| " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines + ([""] + [f"- {x}" for x in plines] if plines else [])
 
 
 # --------------------------------------------------------------------------- bench: the Pareto plot
