@@ -14,6 +14,9 @@ Order inside the worker, and what each figure covers:
 4. ``peak_rss_kb``: the process's peak resident memory (VmHWM, see ``_peak_rss_kb``) at this point: imports,
    model, and inference at every benched batch size, but not the accuracy pass;
 5. accuracy and the other classification metrics over the test split.
+
+A spec with ``profile`` set is a profile run instead (``bench --profile``, after the timed workers):
+edgecli.runtimes.profile opens the model with its runtime's own profiler on and writes its file.
 """
 
 from __future__ import annotations
