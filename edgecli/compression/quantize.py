@@ -17,6 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from edgecli.compression import rounded as _r
 from edgecli.compression.quantize_modes import MODES, Sources, dynamic_ops, pre_process, quantized_nodes
 from edgecli.errors import DataError
 from edgecli.onnxio import model_inputs
+
+if TYPE_CHECKING:
+    from edgecli.config import QuantizeConfig
 
 # A candidate must beat its input by this much to count as faster: timings here move a few
 # percent between rounds, and a tie is not worth the accuracy risk of a quantized model.
@@ -152,8 +156,6 @@ def time_p50(paths: list[Path], feed1: dict[str, np.ndarray], threads: int, *, r
     return [statistics.median(x) * 1000.0 for x in samples]
 
 
-
-
 # --------------------------------------------------------------------------- candidates
 
 
@@ -162,7 +164,7 @@ class Candidate:
     """One model a quantize step builds and measures; ``config`` is None for the FP32 input itself."""
 
     name: str
-    config: object = None  # edgecli.config.QuantizeConfig of one concrete mode (never "auto")
+    config: QuantizeConfig | None = None  # of one concrete mode (never "auto")
     path: Path | None = None
     bytes: int | None = None
     scores: dict = field(default_factory=dict)
@@ -217,12 +219,13 @@ class QuantizeOutcome:
 
 
 class QuantizeJob:
-    """One `quantize` step: build candidates for its mode, score, time, choose.
+    """One `quantize` step: build candidates for its mode (``auto``: every mode), score, time, choose.
 
-    ``src`` is the step's input model (FP32 ONNX, self-contained); ``work`` a scratch directory.
+    ``src`` is the step's input model (FP32 ONNX, self-contained); ``work`` a scratch directory;
+    ``opts`` the step's ``QuantizeConfig``, which each candidate copies with its own mode and options.
     """
 
-    def __init__(self, src: Path, work: Path, opts, *, scorer: Scorer, calib: dict[str, np.ndarray] | None,
+    def __init__(self, src: Path, work: Path, opts: QuantizeConfig, *, scorer: Scorer, calib: dict[str, np.ndarray] | None,
                  calib_problem: str | None, feed1: dict[str, np.ndarray], threads: int,
                  max_drop: float | None, objective: str, key: str, log=lambda m: None,
                  min_cosine: float | None = None):

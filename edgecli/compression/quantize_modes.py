@@ -16,10 +16,14 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgecli.runtimes.feeds import InputSpec, n_samples
+
+if TYPE_CHECKING:
+    from edgecli.config import QuantizeConfig
 
 # Ops ONNX Runtime's dynamic quantizer handles well (weights of MatMul-heavy models). Conv is
 # left out in `auto`: dynamic Conv runs as ConvInteger, 7-11x slower than FP32 here.
@@ -263,39 +267,39 @@ def _needs_matmul_weights(model) -> str | None:
     return "no MatMul with constant weights (MatMulNBits needs them)"
 
 
-def _build_static(s: Sources, q, dst: Path) -> None:
+def _build_static(s: Sources, q: QuantizeConfig, dst: Path) -> None:
     quantize_static_file(s.prepped, dst, s.calib, s.inputs, fmt=q.format, per_channel=q.per_channel,
                          reduce_range=q.reduce_range, method=q.calibration.method,
                          nodes_to_exclude=q.nodes_to_exclude, op_types=q.op_types,
                          cache=s.work / f"calib-{q.calibration.method}.json")
 
 
-def _build_dynamic(s: Sources, q, dst: Path) -> None:
+def _build_dynamic(s: Sources, q: QuantizeConfig, dst: Path) -> None:
     quantize_dynamic_file(s.prepped, dst, per_channel=q.per_channel, reduce_range=q.reduce_range,
                           op_types=q.op_types, nodes_to_exclude=q.nodes_to_exclude)
 
 
-def _build_fp16(s: Sources, q, dst: Path) -> None:
+def _build_fp16(s: Sources, q: QuantizeConfig, dst: Path) -> None:
     convert_fp16_file(s.src, dst, q.nodes_to_exclude)
 
 
-def _build_int4(s: Sources, q, dst: Path) -> None:
+def _build_int4(s: Sources, q: QuantizeConfig, dst: Path) -> None:
     # the input as given: pre-processing fuses MatMul+Add into Gemm, which MatMulNBits cannot take
     quantize_int4_file(s.src, dst, block_size=q.block_size, symmetric=q.symmetric,
                        accuracy_level=q.accuracy_level, nodes_to_exclude=q.nodes_to_exclude)
 
 
-def _build_int8_weight_only(s: Sources, q, dst: Path) -> None:
+def _build_int8_weight_only(s: Sources, q: QuantizeConfig, dst: Path) -> None:
     quantize_int8_weight_only_file(s.src, dst, block_size=q.block_size, symmetric=q.symmetric,
                                    accuracy_level=q.accuracy_level, nodes_to_exclude=q.nodes_to_exclude)
 
 
-def _static_record(q) -> dict:
+def _static_record(q: QuantizeConfig) -> dict:
     return {"format": q.format, "per_channel": q.per_channel, "reduce_range": q.reduce_range,
             "calibration": q.calibration.method, "samples": q.calibration.samples, "op_types": q.op_types}
 
 
-def _weight_only_record(q) -> dict:
+def _weight_only_record(q: QuantizeConfig) -> dict:
     return {"block_size": q.block_size, "symmetric": q.symmetric, "accuracy_level": q.accuracy_level}
 
 
