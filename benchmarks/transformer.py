@@ -76,14 +76,14 @@ def peer_defaults(src: Path, dst: Path) -> Path:
 
 
 def fp16(src: Path, dst: Path) -> Path:
-    from edgecli.compression.quantize import convert_fp16_file
+    from edgecli.compression.quantize_modes import convert_fp16_file
 
     convert_fp16_file(src, dst)
     return dst
 
 
 def int4(src: Path, dst: Path) -> Path:
-    from edgecli.compression.quantize import quantize_int4_file
+    from edgecli.compression.quantize_modes import quantize_int4_file
 
     quantize_int4_file(src, dst, block_size=32, symmetric=True, accuracy_level=4)
     return dst

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from edgecli.errors import ConfigError
 from edgecli.registry import did_you_mean
@@ -185,6 +193,23 @@ class QuantizeConfig(_Strict):
     op_types: list[str] | None = None
     force: bool = Field(False, description="keep this mode even if it is slower than its input")
 
+    # Cross-field rules, checked on the field they are about so that validate and --dry-run name its
+    # line; ``mode`` is declared (so validated) first. The modes themselves: compression/quantize_modes.MODES.
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, v: int, info: ValidationInfo) -> int:
+        if info.data.get("mode") in ("int4_weight_only", "int8_weight_only", "auto") and v & (v - 1):
+            raise ValueError("must be a power of two >= 16")
+        return v
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str, info: ValidationInfo) -> str:
+        mode = info.data.get("mode")
+        if v == "qoperator" and mode is not None and mode not in ("static", "auto"):
+            raise ValueError(f"qoperator applies to static quantization only (mode is {mode})")
+        return v
+
 
 class StudentConfig(_Strict):
     arch: str
@@ -266,12 +291,6 @@ class CompressConfig(_Strict):
         for i, st in enumerate(self.steps):
             if st.kind == "quantize":
                 first_q = i if first_q is None else first_q
-                q = st.quantize
-                if q.mode in ("int4_weight_only", "int8_weight_only", "auto") and q.block_size & (q.block_size - 1):
-                    problems.append(f"compress.steps.{i}.quantize.block_size must be a power of two >= 16 (got {q.block_size})")
-                if q.format == "qoperator" and q.mode not in ("static", "auto"):
-                    problems.append(f"compress.steps.{i}.quantize.format: qoperator applies to static quantization only "
-                                    f"(mode is {q.mode})")
             elif first_q is not None:
                 problems.append(f"compress.steps.{i}: {st.kind} is a PyTorch-level step and must come before every quantize "
                                 f"step (compress.steps.{first_q} quantizes the ONNX model; nothing trainable is left after it)")

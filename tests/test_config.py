@@ -6,7 +6,7 @@ import pytest
 
 from edgecli.config import load_config
 from edgecli.errors import ConfigError
-from tests.conftest import REPO, edgecli
+from tests.conftest import REPO, cli, edgecli
 
 
 def _write(tmp_path, text: str):
@@ -103,3 +103,27 @@ def test_dry_run_prints_resolved_config(tmp_path):
     import yaml
 
     assert yaml.safe_load(r.stdout)["train"]["epochs"] == 2
+
+
+QUANTIZE_RULES = ("name: x\ncompress:\n  steps:\n    - quantize:\n        mode: int4_weight_only\n"
+                  "        block_size: 48\n    - quantize:\n        format: qoperator\n        mode: dynamic\n")
+
+
+def test_quantize_cross_field_rules_name_the_key_and_its_line(tmp_path):
+    p = _write(tmp_path, QUANTIZE_RULES)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.problems == [
+        f"{p}:6 compress.steps.0.quantize.block_size: must be a power of two >= 16 (got 48)",
+        f"{p}:8 compress.steps.1.quantize.format: qoperator applies to static quantization only (mode is dynamic) "
+        "(got 'qoperator')"]
+    load_config(p, ["compress.steps.0.quantize.block_size=64", "compress.steps.1.quantize.mode=static"])
+
+
+@pytest.mark.parametrize("cmd", [["validate"], ["compress", "--dry-run"]])
+def test_validate_and_dry_run_report_quantize_rules_with_file_line(tmp_path, cmd):
+    p = _write(tmp_path, QUANTIZE_RULES)
+    r = cli(*cmd, "-c", str(p))
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"{p}:6 compress.steps.0.quantize.block_size: must be a power of two" in r.stderr
+    assert f"{p}:8 compress.steps.1.quantize.format: qoperator applies to static" in r.stderr

@@ -1,4 +1,5 @@
-"""edgecli.compression.quantize on small hand-made ONNX graphs (real ONNX Runtime, no training)."""
+"""edgecli.compression.quantize (the job) and quantize_modes (the table) on small hand-made ONNX graphs
+(real ONNX Runtime, no training)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecli.compression import quantize as q
+from edgecli.compression.quantize_modes import MODES
 from edgecli.config import QuantizeConfig
 from edgecli.errors import DataError
+from edgecli.runtimes.feeds import load_input_file
 
 
 def _matmul_mlp(path, d=64, h=128, classes=10, seed=0):
@@ -107,14 +110,66 @@ def test_input_file_validation(tmp_path, mlp):
     ins = q.model_inputs(onnx.load(str(src)))
     np.save(tmp_path / "f64.npy", np.zeros((4, 64)))
     with pytest.raises(DataError, match="dtype float64"):
-        q.load_input_file(tmp_path / "f64.npy", ins, "k")
+        load_input_file(tmp_path / "f64.npy", ins, "k")
     np.save(tmp_path / "shape.npy", np.zeros((4, 32), np.float32))
     with pytest.raises(DataError, match="dim 1: 32 != 64"):
-        q.load_input_file(tmp_path / "shape.npy", ins, "k")
+        load_input_file(tmp_path / "shape.npy", ins, "k")
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match="refused"):
-        q.load_input_file(tmp_path / "obj.npy", ins, "k")
+        load_input_file(tmp_path / "obj.npy", ins, "k")
     np.savez(tmp_path / "ok.npz", x=np.ones((3, 64), np.float32))
-    assert q.load_input_file(tmp_path / "ok.npz", ins, "k")["x"].shape == (3, 64)
+    assert load_input_file(tmp_path / "ok.npz", ins, "k")["x"].shape == (3, 64)
     with pytest.raises(DataError, match="does not exist"):
-        q.load_input_file(tmp_path / "nope.npy", ins, "k")
+        load_input_file(tmp_path / "nope.npy", ins, "k")
+
+
+def test_mode_table_matches_the_schema_and_says_where_each_mode_applies(mlp, tmp_path):
+    import typing
+
+    import torch
+
+    assert set(MODES) | {"auto"} == set(typing.get_args(QuantizeConfig.model_fields["mode"].annotation))
+    assert [m for m, row in MODES.items() if row.needs_calibration] == ["static"]
+    matmul = onnx.load(str(mlp[0]))
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
+    torch.onnx.export(net.eval(), (torch.zeros(1, 1, 6, 6),), str(tmp_path / "conv.onnx"), dynamo=False, opset_version=17)
+    conv = onnx.load(str(tmp_path / "conv.onnx"))
+    for name, row in MODES.items():
+        assert row.applies(matmul) is None, name
+        weight_only = name.endswith("_weight_only")
+        assert (row.applies(conv) is not None) == weight_only, name
+        if weight_only:
+            assert "MatMul" in row.applies(conv)
+
+
+def test_explicit_weight_only_on_a_conv_graph_is_not_applicable_and_keeps_the_input(tmp_path):
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
+    src = tmp_path / "conv.onnx"
+    torch.onnx.export(net.eval(), (torch.zeros(1, 1, 6, 6),), str(src), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    feeds = {"x": np.random.default_rng(0).standard_normal((16, 1, 6, 6)).astype(np.float32)}
+    out = _job(src, tmp_path / "w", feeds, mode="int8_weight_only", force=True).run()
+    (c,) = out.candidates
+    assert out.chosen is None and c.path is None and not c.applicable
+    assert c.reason == "not applicable: no MatMul with constant weights (MatMulNBits needs them)"
+    assert c.to_json(None, None)["options"] == {"block_size": 32, "symmetric": True, "accuracy_level": None}
+
+
+def test_auto_candidates_are_copies_of_the_step_config(mlp, tmp_path):
+    src, feeds = mlp
+    job = _job(src, tmp_path / "w", feeds, mode="auto", format="qoperator", nodes_to_exclude=["mm2"],
+               calibration={"method": "entropy", "samples": 8})
+    by = {c.name: c for c in job._plan(onnx.load(str(src)))}
+    assert list(by) == ["static qdq per-channel", "static qdq per-tensor", "static qoperator", "dynamic MatMul",
+                        "fp16", "int4 weight-only", "int8 weight-only block 128", "int8 weight-only block 32"]
+    assert by["static qoperator"].config.format == "qoperator" and by["static qdq per-tensor"].config.format == "qdq"
+    assert by["dynamic MatMul"].config.op_types == ["MatMul"] and by["dynamic MatMul"].mode == "dynamic"
+    assert by["int8 weight-only block 128"].config.block_size == 128
+    assert job.opts.mode == "auto" and job.opts.block_size == 32  # the step's own config is left as it was
+    for c in by.values():
+        assert isinstance(c.config, QuantizeConfig) and c.excluded_nodes == ["mm2"], c.name
+    assert by["static qdq per-tensor"].to_json(None, None)["options"] == {
+        "format": "qdq", "per_channel": False, "reduce_range": False, "calibration": "entropy", "samples": 8,
+        "op_types": None}

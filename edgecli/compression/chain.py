@@ -58,6 +58,7 @@ def torch_phase(cfg, store, work: Path, run: ChainState, quiet: bool, log) -> No
 
 def quantize_phase(cfg, work: Path, run: ChainState, reference, log) -> None:
     from edgecli.compression.quantize import QuantizeJob, Scorer
+    from edgecli.compression.quantize_modes import MODES
 
     data, steps = run.data, cfg.compress.steps
     scorer = Scorer(data.eval_feeds, data.labels, cfg.compress.threads, reference=reference, embedding=data.embedding)
@@ -66,7 +67,8 @@ def quantize_phase(cfg, work: Path, run: ChainState, reference, log) -> None:
         key = f"compress.steps.{i}.quantize"
         opts = steps[i].quantize
         calib, problem, calib_src = calibration(cfg, opts, key, run.inputs, data, run.files)
-        if opts.mode == "static" and calib is None:
+        mode = MODES.get(opts.mode)  # None: auto, whose static candidates say the same when they are built
+        if mode is not None and mode.needs_calibration and calib is None:
             raise DataError(problem)
         sw = work / f"step{i}"
         sw.mkdir()

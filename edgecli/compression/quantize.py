@@ -1,40 +1,39 @@
-"""Post-training quantization in ONNX Runtime, chosen by measurement.
+"""Post-training quantization in ONNX Runtime, chosen by measurement: one quantize step's job.
 
 Every candidate (static QDQ/QOperator, dynamic, FP16, INT8 and INT4 weight-only) is scored on held-out
 data (accuracy, or fidelity to the input model when no labels fit) and timed in ONNX Runtime at
 batch 1 side by side with its input. A candidate is kept only when it holds the accuracy budget
 and, for the latency objective, is really faster than its input on this machine: INT8 is slower
 than FP32 for some models here (MEASURED.md), so nothing is applied blindly.
+
+Each candidate carries the ``QuantizeConfig`` it is built from (the step's own, or a copy for one of
+``auto``'s modes); how each mode builds lives in the table ``edgecli.compression.quantize_modes.MODES``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgecli.errors import ConfigError, DataError
-from edgecli.onnxio import inputs_of, model_inputs  # noqa: F401 - inputs_of: re-exported for callers of this module
-from edgecli.runtimes.feeds import InputSpec, fit_problem, load_input_file, n_samples, take  # noqa: F401
+from edgecli.compression import rounded as _r
+from edgecli.compression.quantize_modes import MODES, Sources, dynamic_ops, pre_process, quantized_nodes
+from edgecli.errors import DataError
+from edgecli.onnxio import model_inputs
+
+if TYPE_CHECKING:
+    from edgecli.config import QuantizeConfig
 
 # A candidate must beat its input by this much to count as faster: timings here move a few
 # percent between rounds, and a tie is not worth the accuracy risk of a quantized model.
 MIN_SPEEDUP = 0.03
-# Ops ONNX Runtime's dynamic quantizer handles well (weights of MatMul-heavy models). Conv is
-# left out in `auto`: dynamic Conv runs as ConvInteger, 7-11x slower than FP32 here.
-DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "GRU", "EmbedLayerNormalization")
 MAX_BACKOFF_TRIES = 8
-# INT8 weight-only (MatMulNBits bits=8): accuracy_level 4 computes in int8 with per-block activation
-# scales (the VNNI path); the default level dequantizes to FP32 and ran 4x slower than FP32 on MiniLM
-# here. `auto` tries block 128 (faster) and the step's block_size (default 32: closer to FP32).
-INT8_WO_ACCURACY_LEVEL = 4
+# `auto` tries INT8 weight-only with block 128 (faster) and the step's block_size (default 32: closer to FP32)
 INT8_WO_AUTO_BLOCK = 128
 
 _CLASS_NAMES = ("logit", "prob", "score", "class", "label", "pred")
@@ -157,207 +156,16 @@ def time_p50(paths: list[Path], feed1: dict[str, np.ndarray], threads: int, *, r
     return [statistics.median(x) * 1000.0 for x in samples]
 
 
-# --------------------------------------------------------------------------- transforms
-
-
-@contextlib.contextmanager
-def _quiet_ort():
-    """onnxruntime.quantization logs every node at INFO/WARNING; keep the terminal for results."""
-    lg = logging.getLogger()
-    old = lg.level
-    lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        lg.setLevel(old)
-
-
-@contextlib.contextmanager
-def _in_dir(path: Path):
-    """Run a third-party call that writes into the current directory inside ``path`` instead."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-def pre_process(src: Path, dst: Path) -> list[str]:
-    """ONNX Runtime's quantization pre-processing (symbolic + ONNX shape inference, optimisation).
-
-    Falls back to fewer passes when one fails on an unusual graph, and says so.
-    """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    notes = []
-    attempts = [
-        ("shape inference + optimisation", {}),
-        ("ONNX shape inference + optimisation (symbolic shape inference failed)", {"skip_symbolic_shape": True}),
-        ("shape inference only (graph optimisation failed)", {"skip_optimization": True, "skip_symbolic_shape": True}),
-    ]
-    src, dst = Path(src).resolve(), Path(dst).resolve()
-    for what, kw in attempts:
-        try:
-            # ORT's symbolic shape inference saves "sym_shape_infer_temp.onnx" + a <uuid>.data file
-            # (90 MB for MiniLM) in the current directory and leaves the data behind: run it in ours
-            with _quiet_ort(), _in_dir(dst.parent):
-                quant_pre_process(str(src), str(dst), **kw)
-            if kw:
-                notes.append(f"quantization pre-processing: {what}")
-            return notes
-        except Exception as e:  # noqa: BLE001 - third-party passes fail in many ways; try fewer
-            notes.append(f"quantization pre-processing: {what} failed ({type(e).__name__})")
-    shutil.copyfile(src, dst)
-    notes.append("quantization pre-processing skipped; quantizing the model as given")
-    return notes
-
-
-class _Reader:
-    """CalibrationDataReader over in-memory inputs (batch 1 when the model's batch is fixed)."""
-
-    def __init__(self, feeds: dict[str, np.ndarray], batch: int):
-        self.feeds, self.batch, self.i = feeds, batch, 0
-
-    def get_next(self):
-        n = n_samples(self.feeds)
-        if self.i >= n:
-            return None
-        out = {k: v[self.i : self.i + self.batch] for k, v in self.feeds.items()}
-        self.i += self.batch
-        return out
-
-    def rewind(self):
-        self.i = 0
-
-
-def _reader(feeds, inputs: list[InputSpec]):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    batch = 1 if any(spec.shape and spec.shape[0] == 1 for spec in inputs) else 32
-    r = _Reader(feeds, batch)
-    CalibrationDataReader.register(_Reader)
-    return r
-
-
-def quantize_static_file(src: Path, dst: Path, calib: dict[str, np.ndarray], inputs: list[InputSpec], *,
-                         fmt: str = "qdq", per_channel: bool = True, reduce_range: bool = False,
-                         method: str = "minmax", nodes_to_exclude=(), op_types=None, cache: Path | None = None) -> None:
-    """Static INT8 (U8 activations, S8 weights: the VNNI path on x86) with calibration ranges cached
-    in ``cache`` so that re-quantizing with excluded nodes skips calibration."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    cal_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile}[method]
-    extra = {"DefaultTensorType": 1}  # keeps ORT-optimised BERT-style graphs quantizable (MEASURED trap 5)
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.999
-    with _quiet_ort():
-        quantize_static(
-            str(src), str(dst), _reader(calib, inputs),
-            quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
-            op_types_to_quantize=list(op_types) if op_types else None,
-            per_channel=per_channel, reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(nodes_to_exclude) or None,
-            calibrate_method=cal_method, extra_options=extra,
-            calibration_cache_path=str(cache) if cache else None,
-        )
-
-
-def quantize_dynamic_file(src: Path, dst: Path, *, per_channel: bool, reduce_range: bool, op_types=None,
-                          nodes_to_exclude=()) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _quiet_ort():
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(op_types) if op_types else None,
-                         per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=list(nodes_to_exclude) or None, extra_options={"DefaultTensorType": 1})
-
-
-def convert_fp16_file(src: Path, dst: Path, nodes_to_exclude=()) -> None:
-    """FP16 weights and compute, FP32 inputs and outputs (so callers feed what they fed before)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    m = onnx.load(str(src))
-    with _quiet_ort():
-        m16 = convert_float_to_float16(m, keep_io_types=True, node_block_list=list(nodes_to_exclude) or None)
-    onnx.save(m16, str(dst))
-
-
-def matmul_weight_nodes(model) -> list[str]:
-    """MatMul nodes whose second input is a constant 2-D weight (what MatMulNBits can take)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
-
-
-def quantize_int4_file(src: Path, dst: Path, *, block_size: int, symmetric: bool, accuracy_level: int | None,
-                       nodes_to_exclude=()) -> None:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    m = onnx.load(str(src))
-    with _quiet_ort():
-        q = MatMulNBitsQuantizer(m, bits=4, block_size=block_size, is_symmetric=symmetric,
-                                 accuracy_level=accuracy_level, nodes_to_exclude=list(nodes_to_exclude))
-        q.process()
-    onnx.save(q.model.model, str(dst))
-
-
-def quantize_int8_weight_only_file(src: Path, dst: Path, *, block_size: int, symmetric: bool,
-                                   accuracy_level: int | None, nodes_to_exclude=()) -> None:
-    """INT8 weights of every MatMul with a constant 2-D weight (MatMulNBits bits=8, blocked scales).
-
-    Activations are not quantized ahead of time: on an external MiniLM it kept min cosine 0.997
-    (block 128) where dynamic INT8 kept 0.979 and static 0.23 (MEASURED.md)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    m = onnx.load(str(src))
-    level = INT8_WO_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-    with _quiet_ort():
-        q = MatMulNBitsQuantizer(m, bits=8, block_size=block_size, is_symmetric=symmetric,
-                                 accuracy_level=level, nodes_to_exclude=list(nodes_to_exclude))
-        q.process()
-    onnx.save(q.model.model, str(dst))
-
-
-def quantized_nodes(path: Path) -> list[str]:
-    """Compute nodes of a quantized model that run on quantized tensors, by their float-model names.
-
-    QDQ keeps the original node names (a node fed by DequantizeLinear is quantized); QOperator
-    renames them with a ``_quant`` suffix.
-    """
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    dq_out = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    names = []
-    for n in m.graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
-            continue
-        if n.name.endswith("_quant"):
-            names.append(n.name[: -len("_quant")])
-        elif n.op_type in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"):
-            names.append(n.name)
-        elif any(i in dq_out for i in n.input):
-            names.append(n.name)
-    seen: set[str] = set()
-    return [x for x in names if x and not (x in seen or seen.add(x))]
-
-
 # --------------------------------------------------------------------------- candidates
 
 
 @dataclass
 class Candidate:
+    """One model a quantize step builds and measures; ``config`` is None for the FP32 input itself."""
+
     name: str
-    mode: str
-    options: dict
+    config: QuantizeConfig | None = None  # of one concrete mode (never "auto")
     path: Path | None = None
-    excluded_nodes: list[str] = field(default_factory=list)
     bytes: int | None = None
     scores: dict = field(default_factory=dict)
     p50_ms: float | None = None
@@ -368,12 +176,26 @@ class Candidate:
     failed: list[str] = field(default_factory=list)  # constraints this candidate broke
 
     @property
+    def mode(self) -> str:
+        return self.config.mode if self.config is not None else "fp32"
+
+    @property
+    def excluded_nodes(self) -> list[str]:
+        return list(self.config.nodes_to_exclude) if self.config is not None else []
+
+    @property
     def score(self) -> float | None:
         return self.scores.get("score")
 
+    def excluding(self, name: str, nodes: list[str]) -> Candidate:
+        """A new candidate of the same mode and options that leaves ``nodes`` (besides its own) in FP32."""
+        return Candidate(name, self.config.model_copy(update={"nodes_to_exclude": self.excluded_nodes + nodes}))
+
     def to_json(self, base_score: float | None, base_p50: float | None) -> dict:
         d = {
-            "name": self.name, "mode": self.mode, "options": self.options, "excluded_nodes": self.excluded_nodes,
+            "name": self.name, "mode": self.mode,
+            "options": MODES[self.mode].record(self.config) if self.config is not None else {},
+            "excluded_nodes": self.excluded_nodes,
             "bytes": self.bytes, **{k: v for k, v in self.scores.items() if k != "score"},
             "score": self.score, "p50_ms": _r(self.p50_ms),
             "accuracy_drop": _r(base_score - self.score) if base_score is not None and self.score is not None else None,
@@ -382,10 +204,6 @@ class Candidate:
             "chosen": self.chosen, "failed_constraints": self.failed, "reason": self.reason,
         }
         return d
-
-
-def _r(x, n=5):
-    return None if x is None else round(float(x), n)
 
 
 @dataclass
@@ -401,12 +219,13 @@ class QuantizeOutcome:
 
 
 class QuantizeJob:
-    """One `quantize` step: build candidates for its mode, score, time, choose.
+    """One `quantize` step: build candidates for its mode (``auto``: every mode), score, time, choose.
 
-    ``src`` is the step's input model (FP32 ONNX, self-contained); ``work`` a scratch directory.
+    ``src`` is the step's input model (FP32 ONNX, self-contained); ``work`` a scratch directory;
+    ``opts`` the step's ``QuantizeConfig``, which each candidate copies with its own mode and options.
     """
 
-    def __init__(self, src: Path, work: Path, opts, *, scorer: Scorer, calib: dict[str, np.ndarray] | None,
+    def __init__(self, src: Path, work: Path, opts: QuantizeConfig, *, scorer: Scorer, calib: dict[str, np.ndarray] | None,
                  calib_problem: str | None, feed1: dict[str, np.ndarray], threads: int,
                  max_drop: float | None, objective: str, key: str, log=lambda m: None,
                  min_cosine: float | None = None):
@@ -426,29 +245,12 @@ class QuantizeJob:
         return self.work / f"cand{self._n:02d}-{tag}.onnx"
 
     def _build(self, cand: Candidate, prepped: Path) -> Candidate:
-        o = cand.options
+        mode = MODES[cand.mode]
         dst = self._new_path(cand.mode)
         try:
-            if cand.mode == "static":
-                if self.calib is None:
-                    raise DataError(self.calib_problem or f"{self.key}.calibration.data: no calibration data")
-                quantize_static_file(prepped, dst, self.calib, self.inputs, fmt=o["format"], per_channel=o["per_channel"],
-                                     reduce_range=o["reduce_range"], method=o["calibration"],
-                                     nodes_to_exclude=cand.excluded_nodes, op_types=o.get("op_types"),
-                                     cache=self.work / f"calib-{o['calibration']}.json")
-            elif cand.mode == "dynamic":
-                quantize_dynamic_file(prepped, dst, per_channel=o["per_channel"], reduce_range=o["reduce_range"],
-                                      op_types=o.get("op_types"), nodes_to_exclude=cand.excluded_nodes)
-            elif cand.mode == "fp16":
-                convert_fp16_file(self.src, dst, cand.excluded_nodes)
-            elif cand.mode == "int4_weight_only":
-                # the input as given: pre-processing fuses MatMul+Add into Gemm, which MatMulNBits cannot take
-                quantize_int4_file(self.src, dst, block_size=o["block_size"], symmetric=o["symmetric"],
-                                   accuracy_level=o.get("accuracy_level"), nodes_to_exclude=cand.excluded_nodes)
-            elif cand.mode == "int8_weight_only":
-                quantize_int8_weight_only_file(self.src, dst, block_size=o["block_size"], symmetric=o["symmetric"],
-                                               accuracy_level=o.get("accuracy_level"),
-                                               nodes_to_exclude=cand.excluded_nodes)
+            if mode.needs_calibration and self.calib is None:
+                raise DataError(self.calib_problem or f"{self.key}.calibration.data: no calibration data")
+            mode.build(Sources(self.src, prepped, self.work, self.inputs, self.calib), cand.config, dst)
             cand.path = dst
             from edgecli.onnxio import model_bytes
 
@@ -489,57 +291,43 @@ class QuantizeJob:
     # ----------------------------------------------------------------- plan
     def _plan(self, model) -> list[Candidate]:
         o = self.opts
-        static_opts = {"format": o.format, "per_channel": o.per_channel, "reduce_range": o.reduce_range,
-                       "calibration": o.calibration.method, "samples": o.calibration.samples, "op_types": o.op_types}
-        has_matmul_w = bool(matmul_weight_nodes(model))
-        dyn_ops = sorted({n.op_type for n in model.graph.node} & set(DYNAMIC_OPS))
-        int4_opts = {"block_size": o.block_size, "symmetric": o.symmetric, "accuracy_level": o.accuracy_level}
-        excl = list(o.nodes_to_exclude)
-        mk = lambda name, mode, opts: Candidate(name, mode, opts, excluded_nodes=list(excl))  # noqa: E731
-        if o.mode == "static":
-            return [mk(f"static {o.format}" + (" per-channel" if o.per_channel else ""), "static", static_opts)]
-        if o.mode == "dynamic":
-            return [mk("dynamic" + (" per-channel" if o.per_channel else ""), "dynamic",
-                       {"per_channel": o.per_channel, "reduce_range": o.reduce_range, "op_types": o.op_types})]
-        if o.mode == "fp16":
-            return [mk("fp16", "fp16", {"keep_io_types": True})]
-        if o.mode in ("int4_weight_only", "int8_weight_only"):
-            c = mk(o.mode.replace("_weight_only", " weight-only"), o.mode, int4_opts)
-            if not has_matmul_w:
-                c.applicable, c.reason = False, "not applicable: no MatMul with constant weights (MatMulNBits needs them)"
+        if o.mode != "auto":
+            mode = MODES[o.mode]
+            c = Candidate(mode.label(o), o)
+            why = mode.applies(model)
+            if why:
+                c.applicable, c.reason = False, f"not applicable: {why}"
             return [c]
-        # auto: every mode that applies to this graph; each is measured, none assumed
-        cands = [
-            mk("static qdq per-channel", "static", {**static_opts, "format": "qdq", "per_channel": True}),
-            mk("static qdq per-tensor", "static", {**static_opts, "format": "qdq", "per_channel": False}),
-        ]
-        if o.format == "qoperator":
-            cands.append(mk("static qoperator", "static", {**static_opts, "format": "qoperator"}))
-        if dyn_ops:
-            c = mk("dynamic " + "/".join(dyn_ops), "dynamic",
-                   {"per_channel": True, "reduce_range": o.reduce_range, "op_types": o.op_types or dyn_ops})
-            cands.append(c)
-        else:
-            c = mk("dynamic", "dynamic", {})
-            c.applicable, c.reason = False, "not tried: no MatMul/Gemm/RNN/attention ops (dynamic Conv runs as ConvInteger, 7-11x slower here)"
-            cands.append(c)
-        cands.append(mk("fp16", "fp16", {"keep_io_types": True}))
-        c = mk("int4 weight-only", "int4_weight_only", int4_opts)
-        if not has_matmul_w:
-            c.applicable, c.reason = False, "not tried: no MatMul with constant weights (MatMulNBits needs them)"
-        cands.append(c)
-        cands += self._int8_weight_only_plan(int4_opts, has_matmul_w, mk)
+        cands = self._auto_plan(model)
+        for c in cands:  # a mode that cannot run on this graph is listed, not tried
+            why = MODES[c.mode].applies(model)
+            if why and c.applicable:
+                c.applicable, c.reason = False, f"not tried: {why}"
         return cands
 
-    def _int8_weight_only_plan(self, int4_opts: dict, has_matmul_w: bool, mk) -> list[Candidate]:
-        """`auto`'s INT8 weight-only candidates: block 128 (faster) and the step's block_size (closer to FP32)."""
-        out = []
-        for block in sorted({INT8_WO_AUTO_BLOCK, self.opts.block_size}, reverse=True):
-            c = mk(f"int8 weight-only block {block}", "int8_weight_only", {**int4_opts, "block_size": block})
-            if not has_matmul_w:
-                c.applicable, c.reason = False, "not tried: no MatMul with constant weights (MatMulNBits needs them)"
-            out.append(c)
-        return out
+    def _auto_plan(self, model) -> list[Candidate]:
+        """`auto`: every mode, each as a copy of the step's config; each is measured, none assumed."""
+        o = self.opts
+        as_ = lambda mode, **kw: o.model_copy(update={"mode": mode, **kw})  # noqa: E731
+        cands = [Candidate("static qdq per-channel", as_("static", format="qdq", per_channel=True)),
+                 Candidate("static qdq per-tensor", as_("static", format="qdq", per_channel=False))]
+        if o.format == "qoperator":
+            cands.append(Candidate("static qoperator", as_("static", format="qoperator")))
+        dyn_ops = dynamic_ops(model)
+        if dyn_ops:
+            cands.append(Candidate("dynamic " + "/".join(dyn_ops),
+                                   as_("dynamic", per_channel=True, op_types=o.op_types or dyn_ops)))
+        else:
+            c = Candidate("dynamic", as_("dynamic", per_channel=True))
+            c.applicable, c.reason = False, ("not tried: no MatMul/Gemm/RNN/attention ops (dynamic Conv runs as "
+                                             "ConvInteger, 7-11x slower here)")
+            cands.append(c)
+        cands.append(Candidate("fp16", as_("fp16")))
+        cands.append(Candidate("int4 weight-only", as_("int4_weight_only")))
+        # INT8 weight-only: block 128 (faster) and the step's block_size (closer to FP32)
+        for block in sorted({INT8_WO_AUTO_BLOCK, o.block_size}, reverse=True):
+            cands.append(Candidate(f"int8 weight-only block {block}", as_("int8_weight_only", block_size=block)))
+        return cands
 
     # ----------------------------------------------------------------- backoff
     def _backoff(self, first: Candidate, prepped: Path) -> list[Candidate]:
@@ -556,7 +344,7 @@ class QuantizeJob:
         self.log(f"sensitivity pass over {len(nodes)} quantized nodes")
         gains = []
         for n in nodes:
-            probe = Candidate(f"probe {n}", first.mode, first.options, excluded_nodes=first.excluded_nodes + [n])
+            probe = first.excluding(f"probe {n}", [n])
             self._build(probe, prepped)
             if probe.path is None:
                 continue
@@ -577,8 +365,7 @@ class QuantizeJob:
         out = []
         k, tries = 1, 0
         while k < len(ranked) + 1 and tries < MAX_BACKOFF_TRIES:
-            excl = first.excluded_nodes + ranked[:k]
-            c = Candidate(f"{first.name} -{k} node{'s' if k > 1 else ''}", first.mode, first.options, excluded_nodes=excl)
+            c = first.excluding(f"{first.name} -{k} node{'s' if k > 1 else ''}", ranked[:k])
             self._build(c, prepped)
             out.append(c)
             tries += 1
@@ -595,7 +382,7 @@ class QuantizeJob:
 
         model = onnx.load(str(self.src))
         self.inputs = model_inputs(model)
-        self.base = Candidate("input (fp32)", "fp32", {}, path=self.src, bytes=model_bytes(self.src))
+        self.base = Candidate("input (fp32)", path=self.src, bytes=model_bytes(self.src))
         self.base.scores = self.scorer.score(self.src)
         prepped = self.work / "preprocessed.onnx"
         self.notes += pre_process(self.src, prepped)
@@ -683,65 +470,3 @@ class QuantizeJob:
         return QuantizeOutcome(chosen, cands, base, verdict, failed_constraint, self.sensitivity, self.notes,
                                best_rejected)
 
-
-def check_options(opts, key: str) -> None:
-    """Cross-field rules of one quantize step that the schema cannot say alone."""
-    if opts.mode in ("int4_weight_only", "int8_weight_only", "auto") and opts.block_size & (opts.block_size - 1):
-        raise ConfigError(f"{key}.block_size: must be a power of two >= 16 (got {opts.block_size})")
-    if opts.format == "qoperator" and opts.mode not in ("static", "auto"):
-        raise ConfigError(f"{key}.format: qoperator applies to static quantization only (mode is {opts.mode})")
-
-
-# --------------------------------------------------------------------------- transformer fusion
-
-FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
-             "LayerNormalization", "BiasGelu", "FastGelu", "Gelu")
-
-
-def transformer_dims(model_info: dict | None, num_heads: int | None, hidden_size: int | None) -> tuple[int, int, str]:
-    """(num_heads, hidden_size, source) for ONNX Runtime's BERT optimizer.
-
-    Given values win; else the pretrained model's config.json (model.args.model_dir or the packaged
-    MiniLM). ORT's own detection fails on TorchScript exports and then silently leaves Attention
-    unfused, so they are never left to it.
-    """
-    if num_heads and hidden_size:
-        return int(num_heads), int(hidden_size), "compress.num_heads/hidden_size"
-    info = model_info or {}
-    arch = str(info.get("arch", ""))
-    if info.get("kind") != "text" and "minilm" not in arch.lower():
-        raise ConfigError("compress.transformer_optimize: set compress.num_heads and compress.hidden_size "
-                          "(this model does not say which transformer it is)")
-    import json as _json
-
-    from edgecli.data.text import resolve_model_dir
-
-    try:
-        d = resolve_model_dir((info.get("args") or {}).get("model_dir"))
-        conf = _json.loads((d / "config.json").read_text())
-        heads, hidden = int(conf["num_attention_heads"]), int(conf["hidden_size"])
-    except (DataError, OSError, KeyError, ValueError) as e:
-        raise ConfigError(f"compress.transformer_optimize: cannot read the encoder's heads and hidden size "
-                          f"({getattr(e, 'message', e)}); set compress.num_heads and compress.hidden_size") from None
-    return int(num_heads or heads), int(hidden_size or hidden), f"{d.name}/config.json"
-
-
-def transformer_fuse(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
-    """Fuse a BERT-style FP32 graph (Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm) into dst.
-
-    Must run before quantization: the fused kernels are what make INT8 pay, and fusing an
-    already-quantized graph finds nothing (MatMulInteger breaks the patterns). Returns the count
-    of each fused op in the result.
-    """
-    import onnx
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    with _quiet_ort():
-        m = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
-        m.save_model_to_file(str(dst))
-    g = onnx.load(str(dst), load_external_data=False).graph
-    counts: dict[str, int] = {}
-    for n in g.node:
-        if n.op_type in FUSED_OPS:
-            counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts

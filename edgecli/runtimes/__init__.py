@@ -8,7 +8,8 @@ infer and serve all open models through :func:`get` / :func:`open_session`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,6 +102,51 @@ def missing_extra(name: str, extra: str, modules: tuple[str, ...]) -> str | None
         if not found:
             return f"{name} is not installed ({mod} missing); install it with: pip install -e '.[{extra}]'"
     return None
+
+
+@dataclass(frozen=True)
+class TorchConverted:
+    """A backend whose files are converted from the PyTorch module (LiteRT, ExecuTorch).
+
+    What differs between such backends is data and two functions, so one record serves each of them
+    (no base class): ``convert_fn(module, example, out_path, precision, calib)`` gets the module in
+    eval mode and a precision it supports; ``open_fn(path, threads, precision)`` returns a Session.
+    """
+
+    name: str  # BACKENDS key
+    label: str  # the runtime's name in the install hint
+    extra: str  # the pip extra that installs it
+    suffix: str
+    modules: tuple[str, ...]  # what must be importable for it to be usable
+    dist: str  # the distribution whose version results record
+    precisions: tuple[str, ...]
+    convert_fn: Callable = field(repr=False)
+    open_fn: Callable = field(repr=False)
+    source: str = "torch"  # converts from the PyTorch module
+
+    def unavailable(self) -> str | None:
+        return missing_extra(self.label, self.extra, self.modules)
+
+    def version(self) -> str:
+        from importlib.metadata import version
+
+        return version(self.dist)
+
+    def candidates(self) -> list[str]:
+        return list(self.precisions)
+
+    @install_errors
+    def convert(self, module, example: tuple, out_path: Path, *, precision: str = "fp32",
+                calib: list[tuple] | None = None) -> Path:
+        """``out_path`` (the backend's suffix) from ``module`` traced on ``example`` (batch-1 tensors)."""
+        if precision not in self.precisions:
+            raise ConfigError(f"{self.name}: unknown precision '{precision}'; choose from {', '.join(self.precisions)}")
+        return self.convert_fn(module.eval(), example, out_path, precision, calib)
+
+    @install_errors
+    def open(self, path, *, threads: int = 1, precision: str | None = None, **options) -> Session:
+        """``options``: the backend's own switches (ExecuTorch: ``etdump``)."""
+        return self.open_fn(path, threads, precision, **options)
 
 
 def names() -> list[str]:

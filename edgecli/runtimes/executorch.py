@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecli.errors import ConfigError, ModelFileError
-from edgecli.runtimes import install_errors
+from edgecli.errors import ModelFileError
+from edgecli.runtimes import TorchConverted
 
 PRECISIONS = ("fp32", "int8")
 
@@ -46,79 +46,54 @@ class _EtSession:
         return [np.concatenate([o[k] for o in outs])[:n] for k in range(len(outs[0]))]
 
 
-class _ExecuTorchBackend:
-    name = "executorch"
-    extra = "executorch"
-    suffix = ".pte"
-    source = "torch"  # converts from the PyTorch module
-    precisions = PRECISIONS
+def _convert(module, example: tuple, out_path: Path, precision: str, calib: list[tuple] | None) -> Path:
+    """``out_path`` (.pte) from the eval-mode ``module`` traced on ``example`` (batch-1 tensors)."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
 
-    def unavailable(self) -> str | None:
-        from edgecli.runtimes import missing_extra
+    with torch.no_grad():
+        ep = torch.export.export(module, example, strict=False)
+        if precision == "int8":
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        return missing_extra("ExecuTorch", "executorch", ("executorch", "torchao"))
+            q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            prepared = prepare_pt2e(ep.module(), q)
+            for sample in calib or [example]:
+                prepared(*sample)
+            ep = torch.export.export(convert_pt2e(prepared), example, strict=False)
+        prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    out_path.write_bytes(prog.buffer)
+    return out_path
 
-    def version(self) -> str:
-        from importlib.metadata import version
 
-        return version("executorch")
+def _open(path, threads: int, precision: str | None, etdump: bool = False) -> _EtSession:
+    """``etdump``: the runtime's event tracer on (ETDump, read by edgecli.runtimes.profile)."""
+    from executorch.runtime import Runtime
 
-    def candidates(self) -> list[str]:
-        return list(PRECISIONS)
+    from edgecli.runtimes import TensorSpec
 
-    @install_errors
-    def convert(self, module, example: tuple, out_path: Path, *, precision: str = "fp32",
-                calib: list[tuple] | None = None) -> Path:
-        """``out_path`` (.pte) from ``module`` traced on ``example`` (batch-1 tensors)."""
-        import torch
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
-
-        if precision not in PRECISIONS:
-            raise ConfigError(f"executorch: unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}")
-        module = module.eval()
-        with torch.no_grad():
-            ep = torch.export.export(module, example, strict=False)
-            if precision == "int8":
-                from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-                    XNNPACKQuantizer,
-                    get_symmetric_quantization_config,
-                )
-                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-                q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-                prepared = prepare_pt2e(ep.module(), q)
-                for sample in calib or [example]:
-                    prepared(*sample)
-                ep = torch.export.export(convert_pt2e(prepared), example, strict=False)
-            prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
-        out_path.write_bytes(prog.buffer)
-        return out_path
-
-    @install_errors
-    def open(self, path, *, threads: int = 1, precision: str | None = None, etdump: bool = False) -> _EtSession:
-        """``etdump``: the runtime's event tracer on (ETDump, read by edgecli.runtimes.profile)."""
-        from executorch.runtime import Runtime
-
-        from edgecli.runtimes import TensorSpec
-
-        _set_threads(threads)
-        try:
-            program = Runtime.get().load_program(Path(path), enable_etdump=etdump)
-            method = program.load_method("forward")
-        except Exception as e:  # noqa: BLE001 - the runtime raises RuntimeError with its status code
-            raise ModelFileError(f"{path}: ExecuTorch cannot load this program "
-                                 f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]})") from None
-        meta = method.metadata
-        inputs = [TensorSpec(f"input_{i}", tuple(meta.input_tensor_meta(i).sizes()),
-                             _dtype(meta.input_tensor_meta(i).dtype())) for i in range(meta.num_inputs())]
-        outputs = [TensorSpec(f"output_{i}", tuple(meta.output_tensor_meta(i).sizes()),
-                              _dtype(meta.output_tensor_meta(i).dtype())) for i in range(meta.num_outputs())]
-        # a .pte does not say how it was quantized; edgecli names the INT8 file model-int8.pte
-        precision = precision or ("int8" if "int8" in Path(path).stem else "fp32")
-        sess = _EtSession(method, precision, inputs, outputs)
-        sess.program = program  # write_etdump_result_to_file lives on the program
-        return sess
+    _set_threads(threads)
+    try:
+        program = Runtime.get().load_program(Path(path), enable_etdump=etdump)
+        method = program.load_method("forward")
+    except Exception as e:  # noqa: BLE001 - the runtime raises RuntimeError with its status code
+        raise ModelFileError(f"{path}: ExecuTorch cannot load this program "
+                             f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]})") from None
+    meta = method.metadata
+    inputs = [TensorSpec(f"input_{i}", tuple(meta.input_tensor_meta(i).sizes()),
+                         _dtype(meta.input_tensor_meta(i).dtype())) for i in range(meta.num_inputs())]
+    outputs = [TensorSpec(f"output_{i}", tuple(meta.output_tensor_meta(i).sizes()),
+                          _dtype(meta.output_tensor_meta(i).dtype())) for i in range(meta.num_outputs())]
+    # a .pte does not say how it was quantized; edgecli names the INT8 file model-int8.pte
+    precision = precision or ("int8" if "int8" in Path(path).stem else "fp32")
+    sess = _EtSession(method, precision, inputs, outputs)
+    sess.program = program  # write_etdump_result_to_file lives on the program
+    return sess
 
 
 def _set_threads(threads: int) -> None:
@@ -139,4 +114,5 @@ def _dtype(code) -> np.dtype:
     return np.dtype(_SCALAR.get(int(code), np.float32))
 
 
-BACKEND = _ExecuTorchBackend()
+BACKEND = TorchConverted("executorch", "ExecuTorch", "executorch", ".pte", ("executorch", "torchao"), "executorch",
+                         PRECISIONS, _convert, _open)

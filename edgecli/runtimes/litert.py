@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecli.errors import ConfigError, ModelFileError
-from edgecli.runtimes import install_errors
+from edgecli.errors import ModelFileError
+from edgecli.runtimes import TorchConverted
 
 PRECISIONS = ("fp32", "int8")
 
@@ -51,67 +51,42 @@ class _LiteRtSession:
         return [np.concatenate([o[k] for o in outs])[:n] for k in range(len(self._out))]
 
 
-class _LiteRtBackend:
-    name = "litert"
-    extra = "litert"
-    suffix = ".tflite"
-    source = "torch"  # converts from the PyTorch module
-    precisions = PRECISIONS
+def _convert(module, example: tuple, out_path: Path, precision: str, calib: list[tuple] | None) -> Path:
+    """``out_path`` (.tflite) from the eval-mode ``module`` traced on ``example`` (batch-1 tensors)."""
+    import litert_torch
+    import torch
 
-    def unavailable(self) -> str | None:
-        from edgecli.runtimes import missing_extra
+    with torch.no_grad():
+        if precision == "fp32":
+            edge = litert_torch.convert(module, example)
+        else:
+            from litert_torch.quantize.pt2e_quantizer import (
+                PT2EQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from litert_torch.quantize.quant_config import QuantConfig
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        return missing_extra("LiteRT", "litert", ("ai_edge_litert", "litert_torch"))
+            q = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+            prepared = prepare_pt2e(torch.export.export(module, example, strict=False).module(), q)
+            for sample in calib or [example]:
+                prepared(*sample)
+            edge = litert_torch.convert(convert_pt2e(prepared, fold_quantize=False), example,
+                                        quant_config=QuantConfig(pt2e_quantizer=q))
+    edge.export(str(out_path))
+    return out_path
 
-    def version(self) -> str:
-        from importlib.metadata import version
 
-        return version("ai-edge-litert")
+def _open(path, threads: int, precision: str | None) -> _LiteRtSession:
+    from ai_edge_litert.interpreter import Interpreter
 
-    def candidates(self) -> list[str]:
-        return list(PRECISIONS)
-
-    @install_errors
-    def convert(self, module, example: tuple, out_path: Path, *, precision: str = "fp32",
-                calib: list[tuple] | None = None) -> Path:
-        """``out_path`` (.tflite) from ``module`` traced on ``example`` (batch-1 tensors)."""
-        import litert_torch
-        import torch
-
-        if precision not in PRECISIONS:
-            raise ConfigError(f"litert: unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}")
-        module = module.eval()
-        with torch.no_grad():
-            if precision == "fp32":
-                edge = litert_torch.convert(module, example)
-            else:
-                from litert_torch.quantize.pt2e_quantizer import (
-                    PT2EQuantizer,
-                    get_symmetric_quantization_config,
-                )
-                from litert_torch.quantize.quant_config import QuantConfig
-                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-                q = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
-                prepared = prepare_pt2e(torch.export.export(module, example, strict=False).module(), q)
-                for sample in calib or [example]:
-                    prepared(*sample)
-                edge = litert_torch.convert(convert_pt2e(prepared, fold_quantize=False), example,
-                                            quant_config=QuantConfig(pt2e_quantizer=q))
-        edge.export(str(out_path))
-        return out_path
-
-    @install_errors
-    def open(self, path, *, threads: int = 1, precision: str | None = None) -> _LiteRtSession:
-        from ai_edge_litert.interpreter import Interpreter
-
-        try:
-            interp = Interpreter(model_path=str(path), num_threads=int(threads))
-            interp.allocate_tensors()
-        except Exception as e:  # noqa: BLE001 - the interpreter raises ValueError/RuntimeError with its text
-            raise ModelFileError(f"{path}: LiteRT cannot load this model "
-                                 f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]})") from None
-        return _LiteRtSession(interp, precision or _precision_of(interp))
+    try:
+        interp = Interpreter(model_path=str(path), num_threads=int(threads))
+        interp.allocate_tensors()
+    except Exception as e:  # noqa: BLE001 - the interpreter raises ValueError/RuntimeError with its text
+        raise ModelFileError(f"{path}: LiteRT cannot load this model "
+                             f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]})") from None
+    return _LiteRtSession(interp, precision or _precision_of(interp))
 
 
 def _scale(d) -> tuple[float, int] | None:
@@ -144,4 +119,5 @@ def _precision_of(interp) -> str:
         return "fp32"
 
 
-BACKEND = _LiteRtBackend()
+BACKEND = TorchConverted("litert", "LiteRT", "litert", ".tflite", ("ai_edge_litert", "litert_torch"), "ai-edge-litert",
+                         PRECISIONS, _convert, _open)

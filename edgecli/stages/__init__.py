@@ -16,7 +16,9 @@ A stage's ``run`` checks its config, declares its inputs, and hands two function
 ``render`` is one function for a fresh run and a skipped one alike: ``view`` is ``Built.view`` when
 the stage ran, and ``load(stage_dir)`` when it was up to date (None without ``load``). It reads
 ``res`` and ``view`` and touches no file. A stage that publishes nothing (infer, serve) passes
-``inputs=None``: no lock, no stage directory, ``build(None)``.
+``inputs=None``: no lock, no stage directory, ``build(None)``. compress and export pass a function
+as ``inputs``: it resolves their upstream model with the run lock held, and ``build`` reads what it
+resolved.
 """
 
 from __future__ import annotations
@@ -104,64 +106,52 @@ def run_stage(store: ArtifactStore, name: str, inputs: Declared | Callable[[], D
         built = build(None)
         res = StageResult(name, "done", None, time.time() - t0, metrics=built.metrics, messages=list(built.notes))
         return render(res, built.view)
-    made: list[Built] = []
-
-    def _build(w: StageWriter) -> tuple[dict, dict, dict]:
-        made.append(build(w))
-        return made[0].config, made[0].metrics, made[0].extra
-
-    res = publish_stage(store, name, inputs, force, _build, command=command)
-    if made:
-        res.messages = made[0].notes + res.messages
-        return render(res, made[0].view)
+    res, built = _lock_and_publish(store, name, inputs, force, build, command=command)
+    if built is not None:
+        res.messages = built.notes + res.messages
+        return render(res, built.view)
     return render(res, load(res.dir) if load is not None and res.dir is not None else None)
 
 
-def publish_stage(store: ArtifactStore, stage: str, fingerprint: str | Declared | Callable[[], str | Declared],
-                  force: bool, build: Callable[[StageWriter], tuple[dict, dict, dict]], *,
-                  command: str = "") -> StageResult:
-    """Lock the run, skip when up to date, build into a temp dir, publish atomically (``run_stage``'s core).
+def _lock_and_publish(store: ArtifactStore, stage: str, inputs: Declared | Callable[[], Declared], force: bool,
+                      build: Callable[[StageWriter], Built], *, command: str = "") -> tuple[StageResult, Built | None]:
+    """Lock the run, skip when up to date, build into a temp dir, publish atomically: ``run_stage``'s core.
 
-    ``build(writer)`` writes files into ``writer.dir`` and returns (config_section, metrics, extra
-    manifest fields). Any exception (or Ctrl-C) discards the temp dir: nothing half-written is published.
-    ``fingerprint`` may be a function: it is then called with the lock held, so a stage that resolves
-    its input there cannot read an upstream stage another process is publishing at that moment.
-    When it is (or returns) a ``Declared`` record, the fingerprint is the hash of the inputs it
-    declares (each file's sha256, through the run's hash cache) and the manifest lists the same.
+    Returns the result and what ``build`` made (None when skipped). Any exception (or Ctrl-C) in
+    ``build`` discards the temp dir: nothing half-written is published. ``inputs`` may be a function:
+    it is then called with the lock held, so a stage that resolves its input there cannot read an
+    upstream stage another process is publishing at that moment. The fingerprint is the hash of the
+    inputs the record declares (each file's sha256, through the run's hash cache), and the manifest
+    lists the same.
     """
     with store.lock(command or f"edgecli {stage}"):
-        if callable(fingerprint):
-            fingerprint = fingerprint()
-        declared: tuple[dict, dict] = ({}, {})
-        decl = fingerprint if isinstance(fingerprint, Declared) else None
-        if decl is not None:
-            declared = decl.digests(store)
-            fingerprint = decl.fingerprint(*declared)
+        decl = inputs() if callable(inputs) else inputs
+        declared = decl.digests(store)
+        fingerprint = decl.fingerprint(*declared)
         if not force and store.up_to_date(stage, fingerprint):
             res = skipped_result(store, stage)
-            if decl is not None:
-                decl.save_cache()
+            decl.save_cache()
             if getattr(store, "stale_lock_message", ""):
                 res.messages.append(store.stale_lock_message)
-            return res
+            return res, None
         t0 = time.time()
         w = store.begin(stage)
         w.fingerprint = fingerprint
         w.inputs.update(declared[0])
         w.upstream.update(declared[1])
         try:
-            config, metrics, extra = build(w)
-            final = store.publish(w, config=config, fingerprint=fingerprint, metrics=metrics, extra=extra)
+            built = build(w)
+            final = store.publish(w, config=built.config, fingerprint=fingerprint, metrics=built.metrics,
+                                  extra=built.extra)
         except BaseException:
             store.discard(w)
             raise
-        if decl is not None:
-            decl.save_cache()
+        decl.save_cache()
         outputs = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
-        res = StageResult(stage, "done", final, time.time() - t0, metrics=metrics, outputs=outputs)
+        res = StageResult(stage, "done", final, time.time() - t0, metrics=built.metrics, outputs=outputs)
         if getattr(store, "stale_lock_message", ""):
             res.messages.append(store.stale_lock_message)
-        return res
+        return res, built
 
 
 def declare_data(decl: Declared, cfg) -> None:

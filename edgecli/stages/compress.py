@@ -28,7 +28,7 @@ from edgecli.compression.torchsteps import TORCH_STEPS
 from edgecli.config import PipelineConfig
 from edgecli.errors import ConfigError
 from edgecli.safeio import temp_dir as _temp_dir
-from edgecli.stages import StageResult, Table, publish_stage
+from edgecli.stages import Built, StageResult, Table, run_stage
 
 STAGE = "compress"
 
@@ -37,29 +37,13 @@ STAGE = "compress"
 
 
 def check_steps(cfg: PipelineConfig, from_stage: bool) -> None:
-    """Torch steps first, then quantize steps; torch steps need the train stage's weights."""
-    from edgecli.compression.quantize import check_options
-
+    """At least one step; torch steps need the train stage's weights (the schema checks each step and their order)."""
     steps = cfg.compress.steps
     if not steps:
         raise ConfigError("compress.steps: empty; add at least one step (e.g. - quantize: {mode: auto})")
-    problems = []
-    seen_quant = None
-    for i, st in enumerate(steps):
-        key = f"compress.steps.{i}"
-        if st.kind == "quantize":
-            seen_quant = seen_quant if seen_quant is not None else i
-            try:
-                check_options(st.quantize, f"{key}.quantize")
-            except ConfigError as e:
-                problems += e.problems
-        else:
-            if seen_quant is not None:
-                problems.append(f"{key}: {st.kind} is a PyTorch-level step and must come before every quantize step "
-                                f"(compress.steps.{seen_quant} quantizes the ONNX model; nothing trainable is left after it)")
-            if not from_stage:
-                problems.append(f"{key}: {st.kind} needs PyTorch weights, but compress.input is an ONNX file "
-                                f"({cfg.compress.input}); only quantize steps apply to it (or set compress.input: train)")
+    problems = [f"compress.steps.{i}: {st.kind} needs PyTorch weights, but compress.input is an ONNX file "
+                f"({cfg.compress.input}); only quantize steps apply to it (or set compress.input: train)"
+                for i, st in enumerate(steps) if st.kind != "quantize" and not from_stage]
     if problems:
         raise ConfigError(problems)
 
@@ -130,26 +114,26 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     from edgecli.report import info as log_info
 
     check_steps(cfg, from_stage=cfg.compress.input in STAGES)  # config mistakes first, before any file
-    state: dict = {}
     log = (lambda m: None) if quiet else (lambda m: log_info(f"compress: {m}"))
+    resolved: list[tuple[str | None, Path]] = []
 
-    def fp():  # called with the run lock held: the input cannot change under us
-        state["input"] = _input_ref(cfg, store)
-        return declare(cfg, *state["input"])
+    def inputs() -> Declared:  # called with the run lock held: the input cannot change under us
+        resolved.append(_input_ref(cfg, store))
+        return declare(cfg, *resolved[-1])
 
-    def build(w: StageWriter):
-        stage, src_path = state["input"]
+    def build(w: StageWriter) -> Built:
+        stage, src_path = resolved[-1]
         with _temp_dir("compress") as tmp:
-            return _build(cfg, store, w, Path(tmp), stage, src_path, state, quiet, log)
+            return _build(cfg, store, w, Path(tmp), stage, src_path, quiet, log)
 
-    res = publish_stage(store, STAGE, fp, force, build, command="edgecli compress")
+    res = run_stage(store, STAGE, inputs, build, render, force=force, command="edgecli compress", load=_load_report)
     from edgecli.stages import stale_upstream_notes
 
     res.messages += stale_upstream_notes(cfg, store, ("train",))
-    return _result(res, state, store)
+    return res
 
 
-def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state: dict, quiet: bool, log):
+def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, quiet: bool, log) -> Built:
     from edgecli.compression.quantize import Scorer
 
     ch = _local_input(cfg, w, work, stage, src_path)
@@ -163,7 +147,7 @@ def _build(cfg, store, w: StageWriter, work: Path, stage, src_path: Path, state:
         ch.records.append(fusion)
     quantize_phase(cfg, work, ch, reference, log)
     confirm_phase(cfg, work, ch, log)
-    return _publish(cfg, store, w, stage, src_path, ch, state)
+    return _publish(cfg, store, w, stage, src_path, ch)
 
 
 def _local_input(cfg, w: StageWriter, work: Path, stage, src_path: Path) -> ChainState:
@@ -193,8 +177,8 @@ def _local_input(cfg, w: StageWriter, work: Path, stage, src_path: Path) -> Chai
     return ChainState(src=src, inputs=inputs, info=info, meta=meta, data=data, files=files)
 
 
-def _publish(cfg, store, w: StageWriter, stage, src_path: Path, ch: ChainState, state: dict):
-    """Write the model, its metadata, the torch weights and report.json; return the manifest parts."""
+def _publish(cfg, store, w: StageWriter, stage, src_path: Path, ch: ChainState) -> Built:
+    """Write the model, its metadata, the torch weights and report.json; return the manifest's parts."""
     from edgecli.onnxio import model_bytes, set_metadata
 
     shutil.copyfile(ch.cur, w.path("model.onnx"))
@@ -215,14 +199,13 @@ def _publish(cfg, store, w: StageWriter, stage, src_path: Path, ch: ChainState, 
                          f"{', '.join(c.failed) or 'build'}) is in candidate_best.onnx for inspection")
     report = build_report(cfg, ch, model_bytes(w.path("model.onnx")), model_bytes(src_path))
     write_json_atomic(w.path("report.json"), report)
-    state.update(report=report, notes=ch.notes)
     extra.update(model_info=model_info, seed=cfg.seed, metric=ch.data.metric, verdict=report["verdict"])
     first = ch.records[0]["before"] if ch.records else {}
     metrics = {"bytes": report["final"]["bytes"], "size_ratio": report["final"]["size_ratio"],
                "metric": ch.data.metric, "score": report["final"]["score"], "input_score": first.get("score"),
                "p50_ms": report["final"]["p50_ms"], "input_p50_ms": first.get("p50_ms"),
                "failed_constraint": report["failed_constraint"]}
-    return cfg.section("compress"), metrics, extra
+    return Built(cfg.section("compress"), metrics, extra, view=report, notes=ch.notes)
 
 
 def _publish_weights(store, w: StageWriter, stage, ch: ChainState) -> dict:
@@ -241,10 +224,14 @@ def _publish_weights(store, w: StageWriter, stage, ch: ChainState) -> dict:
     return extra
 
 
-def _result(res: StageResult, state: dict, store: ArtifactStore) -> StageResult:
-    report = state.get("report")
-    if report is None and res.dir is not None and (res.dir / "report.json").is_file():
-        report = json.loads((res.dir / "report.json").read_text())
+def _load_report(stage_dir: Path) -> dict | None:
+    """report.json of a published compress stage (the view of a skipped run)."""
+    p = stage_dir / "report.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def render(res: StageResult, report: dict | None) -> StageResult:
+    """The steps table, prune's ratios and every quantize step's candidates, from report.json."""
     if not report:
         return res
     res.details = {"report": str(res.dir / "report.json") if res.dir else None, "verdict": report["verdict"]}
@@ -273,5 +260,4 @@ def _result(res: StageResult, state: dict, store: ArtifactStore) -> StageResult:
         res.tables.append(Table(f"step {r['index']} quantize candidates: {r['verdict']}",
                                 ["candidate", "bytes", metric, "drop", "p50 ms", "x input", "excluded", "chosen", "why"],
                                 crow))
-    res.messages = list(state.get("notes", [])) + res.messages
     return res

@@ -36,7 +36,7 @@ from edgecli.artifacts import ArtifactStore, Declared, StageWriter, sha256_file
 from edgecli.config import PipelineConfig
 from edgecli.errors import CheckFailed, ConfigError, ModelFileError
 from edgecli.safeio import temp_dir as _temp_dir
-from edgecli.stages import StageResult, Table, publish_stage
+from edgecli.stages import Built, StageResult, Table, run_stage
 
 STAGE = "export"
 
@@ -80,24 +80,24 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, quiet
     """Optimise, convert and check the input model; publish model.onnx, model.ort and card.json."""
     from edgecli.report import info as log_info
 
-    state: dict = {}
     log = (lambda m: None) if quiet else (lambda m: log_info(f"export: {m}"))
+    resolved: list[tuple[str | None, Path]] = []
 
-    def fp():  # called with the run lock held: compress cannot be mid-publish while we pick our input
-        state["input"] = _input_ref(cfg, store)
-        return declare(cfg, *state["input"])
+    def inputs() -> Declared:  # called with the run lock held: compress cannot be mid-publish while we pick our input
+        resolved.append(_input_ref(cfg, store))
+        return declare(cfg, *resolved[-1])
 
-    def build(w: StageWriter):
-        stage, src = state["input"]
+    def build(w: StageWriter) -> Built:
+        stage, src = resolved[-1]
         _require_runtimes(cfg)  # a target whose runtime is not installed: its one line before any work
         with _temp_dir("export") as tmp:
-            return _build(cfg, store, w, Path(tmp), stage, src, state, log)
+            return _build(cfg, store, w, Path(tmp), stage, src, log)
 
-    res = publish_stage(store, STAGE, fp, force, build, command="edgecli export")
+    res = run_stage(store, STAGE, inputs, build, render, force=force, command="edgecli export", load=_load_card)
     from edgecli.stages import stale_upstream_notes
 
     res.messages += stale_upstream_notes(cfg, store, ("train", "compress"))
-    return _result(res, state, store)
+    return res
 
 
 def _require_runtimes(cfg: PipelineConfig) -> None:
@@ -113,7 +113,7 @@ def _require_runtimes(cfg: PipelineConfig) -> None:
 
 
 def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path, stage: str | None, src: Path,
-           state: dict, log):
+           log) -> Built:
     """Read the input, take its reference outputs, pick the optimisation level, check parity, publish."""
     from edgecli.artifacts import lineage_privacy
     from edgecli.onnxio import batch_dynamic, is_quantized, parity_samples
@@ -136,18 +136,16 @@ def _build(cfg: PipelineConfig, store: ArtifactStore, w: StageWriter, work: Path
     if batch_dynamic(src_model) and not batch_dynamic(m):
         raise CheckFailed("export: the optimised model lost the dynamic batch axis; nothing was published")
     par = _check_parity(cfg, ref, _run(cand, feeds, level=run_level), labels, sample_src, quantized, run_level)
-    state["parity"] = par
     card = _card(m, cfg, stage, src, info, lineage, level, par, gnotes, notes, quantized)
     card.update(lineage_privacy(store, lineage))
-    _publish(cfg, w, m, card, level, feeds, state, (store, work, stage, src_local, info, quantized, labels, log, par))
-    state.update(card=card, notes=notes)
+    _publish(cfg, w, m, card, level, feeds, (store, work, stage, src_local, info, quantized, labels, log, par))
     files = card["files"]
     metrics = {"bytes": files["model.onnx"]["bytes"], "sha256": files["model.onnx"]["sha256"],
                "opset": card["opset"], "optimization_level": level or "none",
                "parity_max_abs_diff": par["max_abs_diff"], "parity_top1_agreement": par.get("top1_agreement"),
                "accuracy_delta": par.get("accuracy_delta"), "ort_bytes": files.get("model.ort", {}).get("bytes")}
     extra = {"model_info": info, "card": {k: v for k, v in card.items() if k != "files"}, "seed": cfg.seed}
-    return cfg.section("export"), metrics, extra
+    return Built(cfg.section("export"), metrics, extra, view=card, notes=notes)
 
 
 def _record_inputs(w: StageWriter, stage: str | None, src: Path) -> dict:
@@ -239,7 +237,7 @@ def _check_parity(cfg: PipelineConfig, ref, got, labels, sample_src: str, quanti
     return par
 
 
-def _publish(cfg: PipelineConfig, w: StageWriter, m, card: dict, level: str | None, feeds: dict, state: dict,
+def _publish(cfg: PipelineConfig, w: StageWriter, m, card: dict, level: str | None, feeds: dict,
              tctx: tuple) -> None:
     """The card embedded, then the final model.onnx, model.ort (checked against it), the other runtimes'
     targets (each parity-checked) and card.json."""
@@ -264,14 +262,13 @@ def _publish(cfg: PipelineConfig, w: StageWriter, m, card: dict, level: str | No
         files["model.ort"] = {"bytes": ort_path.stat().st_size, "sha256": sha256_file(ort_path)}
         files["required_operators.config"] = {"bytes": cfg_path.stat().st_size, "sha256": sha256_file(cfg_path)}
         card["ort_check"] = ort_check
-        state["ort_check"] = ort_check
     from edgecli.runtimes.choose import publish as publish_targets  # tflite / pte / openvino / auto
 
     card["targets"], auto = publish_targets(cfg, store, w, work, stage, src_local, info, quantized, feeds, labels,
                                             final, files, log, par)
     files.update({n: f for t in card["targets"] for n, f in t["files"].items()})
     if auto:
-        card["auto"] = state["auto"] = auto
+        card["auto"] = auto
     card["files"] = files
     (w.dir / "card.json").write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
 
@@ -311,15 +308,18 @@ def _card(m, cfg, stage, src: Path, info: dict | None, lineage: dict, level, par
     }
 
 
-def _result(res: StageResult, state: dict, store: ArtifactStore) -> StageResult:
-    if res.status == "skipped":
-        try:
-            card = json.loads((store.stage_dir(STAGE) / "card.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return res
-    else:
-        card = state.get("card", {})
-        res.messages += state.get("notes", [])
+def _load_card(stage_dir: Path) -> dict | None:
+    """card.json of a published export stage (the view of a skipped run); None when it cannot be read."""
+    try:
+        return json.loads((stage_dir / "card.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def render(res: StageResult, card: dict | None) -> StageResult:
+    """The export table (input, optimisation, parity, files) and each target's, from the card."""
+    if card is None:
+        return res
     par = card.get("parity", {})
     rows = [
         ["input", card.get("source", {}).get("input")],

@@ -10,7 +10,7 @@ from pathlib import Path
 from edgecli.artifacts import ArtifactStore, Declared, StageWriter, write_json_atomic
 from edgecli.config import PipelineConfig, dump_config
 from edgecli.errors import CheckFailed, ConfigError, EdgeError
-from edgecli.stages import StageResult, Table, publish_stage, skipped_result
+from edgecli.stages import Built, StageResult, Table, run_stage, skipped_result
 
 STAGE = "train"
 
@@ -111,41 +111,41 @@ def run(cfg: PipelineConfig, store: ArtifactStore, *, force: bool = False, resum
         return _run_distributed(cfg, store, force=force, resume=resume, quiet=quiet)
     from edgecli.data import load_splits
 
-    state: dict = {}
-
-    def build(w: StageWriter):
+    def build(w: StageWriter) -> Built:
         splits = load_splits(cfg)
         ckpt = store.checkpoint_dir(STAGE) / "last.pt"
+        notes = []
         if resume and not ckpt.is_file():
-            state["notes"] = [f"--resume: no checkpoint in {ckpt.parent}; starting from epoch 1"]
+            notes.append(f"--resume: no checkpoint in {ckpt.parent}; starting from epoch 1")
         if splits.skipped:
-            state.setdefault("notes", []).append(skipped_note(splits.skipped))
+            notes.append(skipped_note(splits.skipped))
         from edgecli.training import pick_device
 
         device = pick_device(cfg.train.device)
         if cfg.train.amp != "none" and device.type != "cuda":
-            state.setdefault("notes", []).append(f"train.amp={cfg.train.amp} applies on CUDA only; "
-                                                 f"trained in float32 on {device}")
+            notes.append(f"train.amp={cfg.train.amp} applies on CUDA only; trained in float32 on {device}")
         if cfg.train.federated is not None:
             from edgecli.federated import train_federated
 
-            model, fitres, notes = train_federated(cfg, splits, quiet=quiet, resume=resume, grid=grid)
+            model, fitres, fit_notes = train_federated(cfg, splits, quiet=quiet, resume=resume, grid=grid)
         else:
-            model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt,
-                                                       fp=w.fingerprint, device=device)
+            model, fitres, fit_notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt,
+                                                           fp=w.fingerprint, device=device)
         if fitres.resumed_from_epoch:
-            notes.append(f"resumed from the checkpoint of epoch {fitres.resumed_from_epoch}")
-        state.setdefault("notes", []).extend(notes)
-        return _publishable(w, cfg, splits, model, fitres, state)
+            fit_notes.append(f"resumed from the checkpoint of epoch {fitres.resumed_from_epoch}")
+        built = _publishable(w, cfg, splits, model, fitres)
+        built.notes = notes + fit_notes
+        return built
 
-    res = publish_stage(store, STAGE, lambda: declare(cfg), force, build, command="edgecli train")
+    res = run_stage(store, STAGE, lambda: declare(cfg), build, render, force=force, command="edgecli train")
     if res.status == "done":
         with contextlib.suppress(OSError):
             (store.checkpoint_dir(STAGE) / "last.pt").unlink()
-    return _result(res, state)
+    return res
 
 
-def _publishable(w: StageWriter, cfg, splits, model, fitres, state: dict):
+def _publishable(w: StageWriter, cfg, splits, model, fitres) -> Built:
+    """Write the model files and metrics.json; return the manifest's parts."""
     from edgecli.models import model_info
 
     num_classes = cfg.model.num_classes or splits.num_classes
@@ -174,7 +174,6 @@ def _publishable(w: StageWriter, cfg, splits, model, fitres, state: dict):
         headline.update(epsilon=fitres.privacy["epsilon"], delta=fitres.privacy["delta"])
     if fitres.federated is not None:
         headline.update(federated_clients=fitres.federated["clients"], federated_rounds=fitres.federated["rounds_run"])
-    state.update(metrics=metrics, fit=fitres, parity=par)
     extra = {"model_info": info, "parity": par, "history": fitres.history, "seed": cfg.seed,
              "resumed_from_epoch": fitres.resumed_from_epoch, "data_source": splits.source,
              "split_sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}}
@@ -184,7 +183,7 @@ def _publishable(w: StageWriter, cfg, splits, model, fitres, state: dict):
         extra["privacy"] = fitres.privacy
     if fitres.federated is not None:
         extra["federated"] = {k: v for k, v in fitres.federated.items() if k != "rounds"}
-    return cfg.section("train"), headline, extra
+    return Built(cfg.section("train"), headline, extra)
 
 
 def skipped_note(skipped: list[dict], show: int = 5) -> str:
@@ -193,8 +192,8 @@ def skipped_note(skipped: list[dict], show: int = 5) -> str:
     return f"data: skipped {len(skipped)} unreadable input(s), trained on the rest (manifest: skipped_inputs): {listed}"
 
 
-def _result(res: StageResult, state: dict) -> StageResult:
-    res.messages = state.get("notes", []) + res.messages
+def render(res: StageResult, _view=None) -> StageResult:
+    """The headline metrics as one table, for a fresh run and a skipped one alike (from the manifest)."""
     m = res.metrics
     if m:
         rows = [[k, m.get(k)] for k in ("test_accuracy", "val_accuracy", "test_f1_macro", "params", "epochs_run",
@@ -222,22 +221,22 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
     d = dist_info()
     device = _join_group(cfg, d)
     lock_cm = store.lock("torchrun edgecli train") if d.is_main else contextlib.nullcontext()
-    state: dict = {}
+    notes: list[str] = []
     if cfg.train.amp != "none" and device.type != "cuda":
-        state["notes"] = [f"train.amp={cfg.train.amp} applies on CUDA only; trained in float32 on {device}"]
+        notes.append(f"train.amp={cfg.train.amp} applies on CUDA only; trained in float32 on {device}")
     held = contextlib.ExitStack()  # the lock, once rank 0 holds it
     try:
         decision, fp, decl, digests = _decide(cfg, store, d, force, lambda: held.enter_context(lock_cm))
         if decision == "skip":
-            return _result(skipped_result(store, STAGE), {}) if d.is_main else StageResult(STAGE, "skipped", None)
+            return render(skipped_result(store, STAGE)) if d.is_main else StageResult(STAGE, "skipped", None)
         splits = load_splits(cfg)
         ckpt = store.checkpoint_dir(STAGE) / "last.pt"
         if d.is_main and resume and not ckpt.is_file():
-            state.setdefault("notes", []).append(f"--resume: no checkpoint in {ckpt.parent}; starting from epoch 1")
-        model, fitres, notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt,
-                                                   fp=fp, device=device, dist=d)
-        state.setdefault("notes", []).extend(notes)
-        state["notes"].append(f"trained with DistributedDataParallel on {d.world} processes "
+            notes.append(f"--resume: no checkpoint in {ckpt.parent}; starting from epoch 1")
+        model, fitres, fit_notes = build_trained_model(cfg, splits, resume=resume, quiet=quiet, checkpoint=ckpt,
+                                                       fp=fp, device=device, dist=d)
+        notes += fit_notes
+        notes.append(f"trained with DistributedDataParallel on {d.world} processes "
                               f"({cfg.train.batch_size // d.world} samples per process per step)")
         # Every rank waits for rank 0 to publish, then all leave together: a rank that tore down its
         # process group while rank 0 was still exporting aborted in gloo ("terminate called without an
@@ -248,12 +247,13 @@ def _run_distributed(cfg, store: ArtifactStore, *, force: bool, resume: bool, qu
         if not d.is_main:
             barrier()
             return StageResult(STAGE, "done", None)
-        final, metrics = _publish_rank0(cfg, store, state, fp, decl, digests, splits, model, fitres, d.world)
+        final, metrics = _publish_rank0(cfg, store, fp, decl, digests, splits, model, fitres, d.world)
         with contextlib.suppress(OSError):
             ckpt.unlink()
         barrier()  # released: the other ranks may exit now
         outputs = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
-        return _result(StageResult(STAGE, "done", final, time.time() - t0, metrics=metrics, outputs=outputs), state)
+        return render(StageResult(STAGE, "done", final, time.time() - t0, metrics=metrics, outputs=outputs,
+                                  messages=notes))
     except (tdist.DistError, RuntimeError) as e:
         if not is_peer_failure(e):
             raise
@@ -320,18 +320,17 @@ def _decide(cfg, store: ArtifactStore, d, force: bool, lock):
     return decision, fp, decl, digests
 
 
-def _publish_rank0(cfg, store: ArtifactStore, state: dict, fp: str, decl, digests, splits, model, fitres,
-                   world: int):
+def _publish_rank0(cfg, store: ArtifactStore, fp: str, decl, digests, splits, model, fitres, world: int):
     """Rank 0 publishes the trained model like a single-process run; returns (stage dir, metrics)."""
     w = store.begin(STAGE)
     w.fingerprint = fp
     w.inputs.update(digests[0])
     try:
-        config, metrics, extra = _publishable(w, cfg, splits, model, fitres, state)
-        extra["world_size"] = world
-        final = store.publish(w, config=config, fingerprint=fp, metrics=metrics, extra=extra)
+        built = _publishable(w, cfg, splits, model, fitres)
+        built.extra["world_size"] = world
+        final = store.publish(w, config=built.config, fingerprint=fp, metrics=built.metrics, extra=built.extra)
     except BaseException:
         store.discard(w)
         raise
     decl.save_cache()
-    return final, metrics
+    return final, built.metrics
