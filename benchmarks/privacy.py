@@ -85,8 +85,11 @@ def main() -> int:
     ap.add_argument("--only", choices=["dp", "federated"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
+    import warnings
+
     import torch
 
+    warnings.simplefilter("ignore")  # as the CLI does: Opacus' alpha-range and backward-hook notices
     torch.set_num_threads(1)
     print(f"CPU flags: {cpu_flags()}; torch {torch.__version__}, 1 thread; seeds {args.seeds}")
     ok = True
