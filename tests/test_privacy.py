@@ -116,6 +116,44 @@ def test_batchnorm_without_fix_is_a_one_line_config_error(tmp_path):
     assert not (tmp_path / "artifacts" / "bn" / "train").exists()
 
 
+def test_dpcnn_trains_privately_without_the_batchnorm_fix_and_warns_about_dataset_statistics(tmp_path):
+    """dpcnn (GroupNorm + tanh) needs no fix_batchnorm; per_dataset normalisation is named as outside ε,
+    normalize: none is not; the model goes through compress and export like any other."""
+    from opacus.validators import ModuleValidator
+
+    from edgecli.models import build_model
+    from edgecli.stages import export
+
+    assert ModuleValidator.validate(build_model("dpcnn", [1, 8, 8], 10), strict=True) == []
+    train = {"epochs": 1, "batch_size": 256, "optimizer": "sgd", "lr": 1.0, "weight_decay": 0.0,
+             "scheduler": "none", "privacy": {"target_epsilon": 8.0, "delta": 1e-5}}
+    runs = {}
+    for norm in ("per_dataset", "none"):
+        cfg = tiny_config(f"dpcnn-{norm}", tmp_path / "artifacts", model={"arch": "dpcnn"},
+                          data={"dataset": "digits", "val_split": 0.2, "test_split": 0.2,
+                                "preprocess": {"normalize": norm}})
+        cfg["train"] = train
+        runs[norm] = _train(load_config(write_config(tmp_path / f"{norm}.yaml", cfg)))
+    for norm, (res, store) in runs.items():
+        said = " ".join(res.messages)
+        assert ("outside the DP-SGD guarantee" in said) == (norm == "per_dataset"), said
+        assert "GroupNorm" not in said  # nothing was replaced
+        assert 0 < store.manifest("train")["privacy"]["epsilon"] <= 8.0 + 1e-2
+        assert res.metrics["test_accuracy"] > 0.2  # 1 noisy epoch: above chance (0.1), not a figure
+    cfg = load_config(write_config(tmp_path / "none.yaml", dict(
+        tiny_config("dpcnn-none", tmp_path / "artifacts", model={"arch": "dpcnn"},
+                    data={"dataset": "digits", "val_split": 0.2, "test_split": 0.2,
+                          "preprocess": {"normalize": "none"}}),
+        train=train, compress={"input": "train", "steps": [{"quantize": {"mode": "dynamic"}}], "objective": "size"})))
+    store = runs["none"][1]
+    from edgecli.stages import compress
+
+    compress.run(cfg, store, quiet=True)
+    export.run(cfg, store, quiet=True)
+    card = json.loads(store.require("export", "card.json").read_text())
+    assert card["privacy"]["epsilon"] == pytest.approx(store.manifest("train")["privacy"]["epsilon"])
+
+
 def test_privacy_and_federated_config_rules(tmp_path):
     cfg = tiny_config("rules", tmp_path / "artifacts")
     cfg["train"] = {"epochs": 1, "privacy": {"target_epsilon": 8.0, "noise_multiplier": 1.0},

@@ -17,6 +17,7 @@ MODELS = Registry(
         "cnn": Entry("edgecli.models.zoo:CNN", "small 3-layer conv net"),
         "resnet8": Entry("edgecli.models.zoo:ResNet8", "ResNet-8 as in MLPerf Tiny image classification"),
         "mobilenet": Entry("edgecli.models.zoo:MobileNetV2", "MobileNetV2-style net with a width multiplier"),
+        "dpcnn": Entry("edgecli.models.zoo:DPCNN", "GroupNorm + tanh CNN for differentially private training"),
         "dscnn": Entry("edgecli.models.zoo:DSCNN", "depthwise-separable CNN as in MLPerf Tiny keyword spotting"),
         "minilm": Entry("edgecli.models.text:MiniLMClassifier", "pretrained all-MiniLM-L6-v2 + mean pooling + head"),
         "minilm-embed": Entry("edgecli.models.text:MiniLMEmbedder", "pretrained all-MiniLM-L6-v2 sentence embeddings (mean pooling, L2 norm)"),

@@ -88,6 +88,9 @@ def build_trained_model(cfg: PipelineConfig, splits, *, resume: bool, quiet: boo
         res.privacy = private.summary()
         notes.append(f"DP-SGD: ε = {res.privacy['epsilon']:.2f} at δ = {cfg.train.privacy.delta:g} "
                      f"(noise multiplier {res.privacy['noise_multiplier']}, clip {cfg.train.privacy.max_grad_norm})")
+        if getattr(cfg.data.preprocess, "normalize", None) == "per_dataset" and splits.spec.kind in ("image", "table"):
+            notes.append("data.preprocess.normalize: per_dataset took a mean and std from the training data outside "
+                         "the DP-SGD guarantee; set it to none so that every use of the training data is within ε")
     return model, res, notes
 
 
@@ -196,7 +199,7 @@ def render(res: StageResult, _view=None) -> StageResult:
     """The headline metrics as one table, for a fresh run and a skipped one alike (from the manifest)."""
     m = res.metrics
     if m:
-        rows = [[k, m.get(k)] for k in ("test_accuracy", "val_accuracy", "test_f1_macro", "params", "epochs_run",
+        rows = [[k, f"{m[k]:g}" if k == "delta" else m.get(k)] for k in ("test_accuracy", "val_accuracy", "test_f1_macro", "params", "epochs_run",
                                           "best_epoch", "parity_max_abs_diff", "parity_top1_agreement", "epsilon",
                                           "delta", "federated_clients", "federated_rounds") if k in m]
         res.tables.append(Table(f"train ({res.status})", ["metric", "value"], rows))
