@@ -26,11 +26,13 @@ _RT_KEY = ["edgecli", "precision"]
 
 
 def cpu_has_bf16() -> bool:
-    import openvino as ov
-
+    """Whether OpenVINO's CPU plugin computes bf16 here (AVX512_BF16 or AMX); False when it cannot tell
+    (no such property, or an install that does not import: converting then names the extra)."""
     try:
+        import openvino as ov
+
         return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    except Exception:  # noqa: BLE001 - no CPU plugin property: treat as no bf16
+    except Exception:  # noqa: BLE001 - no CPU plugin property, or a broken install: treat as no bf16
         return False
 
 
@@ -90,10 +92,10 @@ class _OpenVinoBackend:
         return ov.get_version().split("-")[0]
 
     def candidates(self) -> list[str]:
-        """Precisions worth trying on this CPU (bf16 ones only where the CPU computes bf16)."""
-        if cpu_has_bf16():
-            return ["fp32", "bf16", "int8-weights+bf16", "int8+bf16"]
-        return ["fp32", "int8-weights", "int8"]
+        """Precisions worth trying on this CPU: FP32, INT8 weights (``compress_weights``) and static INT8
+        (``quantize``) everywhere, each also computed in bf16 where the CPU computes bf16."""
+        f32 = ["fp32", "int8-weights", "int8"]
+        return f32 + (["bf16", "int8-weights+bf16", "int8+bf16"] if cpu_has_bf16() else [])
 
     @install_errors
     def convert(self, onnx_path: Path, out_path: Path, *, precision: str = "fp32", calib: dict | None = None,
