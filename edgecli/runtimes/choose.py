@@ -90,7 +90,7 @@ def _ort_rows(cfg, src, onnx_final: Path) -> list[dict]:
     par = gate(src, run_file(onnx_final, "onnxruntime", prec, src.feeds), prec, cfg.export.parity)
     rows = [{"candidate": f"onnx:{prec}", "target": "onnx", "precision": prec, "runtime": "onnxruntime",
              "model": onnx_final, "bytes": onnx_final.stat().st_size, "parity": par, "eligible": True,
-             "why": "the export's model (kept when nothing is faster)"}]
+             "why": None}]
     if prec != "fp32":
         fpar = gate(src, run_file(src.onnx, "onnxruntime", "fp32", src.feeds), "fp32", cfg.export.parity)
         rows.append({"candidate": "onnx:fp32", "target": "onnx", "precision": "fp32", "runtime": "onnxruntime",
@@ -154,7 +154,9 @@ def choose(cfg, src, work: Path, onnx_final: Path, log, references: list[tuple[s
     best = min(timed, key=lambda r: r["p50_ms"])
     for r in timed:
         r["why"] = ("chosen: fastest that holds the gate" if r is best
-                    else r["why"] if r is rows[0] else f"slower than {best['candidate']}")
+                    else f"slower than {best['candidate']}")
+        if r is rows[0]:
+            r["why"] = f"the export's model, kept when nothing is faster; {r['why']}"
     table = {"rows": [{k: v for k, v in r.items() if k not in ("model", "files")} for r in rows],
              "chosen": best["candidate"], "baseline": base["candidate"],
              "protocol":

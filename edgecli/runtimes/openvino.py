@@ -36,6 +36,14 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def ran_precision(precision: str, hint: str) -> str:
+    """What ran, in words: the compiled inference precision (``f32``/``bf16``), after what NNCF made INT8
+    ("int8 weights + bf16": INT8 weights dequantized into bf16 compute; "int8 + f32": INT8 kernels, the
+    operations NNCF left in float computed in f32)."""
+    made = {"int8-weights": "int8 weights", "int8": "int8"}.get(precision.split("+")[0])
+    return f"{made} + {hint}" if made else hint
+
+
 def _hint(precision: str) -> str:
     return "bf16" if precision.endswith("bf16") else "f32"
 
@@ -53,7 +61,8 @@ class _OvSession:
         self.inputs = [TensorSpec(p.get_any_name(), _shape(p), _dtype(p)) for p in compiled.inputs]
         self.outputs = [TensorSpec(p.get_any_name(), _shape(p), _dtype(p)) for p in compiled.outputs]
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # what the plugin really computes in
-        self.ran_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self.ran_precision = ran_precision(precision, hint.get_type_name() if hasattr(hint, "get_type_name")
+                                           else str(hint))
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         from edgecli.runtimes import by_position
