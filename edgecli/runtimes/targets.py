@@ -294,7 +294,9 @@ def tables(card: dict) -> list[tuple[str, list[str], list[list]]]:
                      "verdict"],
                     [[r["candidate"], f"{r['p50_ms']:.4f}" if "p50_ms" in r else "-",
                       f"{r['vs_onnxruntime']:.2f}x" if r.get("vs_onnxruntime") else "-", r.get("bytes", "-"),
-                      _parity_text(r.get("parity") or {}), r["why"]] for r in auto["rows"]]))
+                      _parity_text(r.get("parity") or {}), r["why"]] for r in auto["rows"]]
+                    # a runtime that is not installed (or cannot take this model): its one-line reason
+                    + [[n.partition(" ")[0], "-", "-", "-", "-", n.partition(" ")[2]] for n in auto.get("notes") or []]))
     return out
 
 
