@@ -86,7 +86,7 @@ def _ort_rows(cfg, src, onnx_final: Path) -> list[dict]:
     never slower than ONNX Runtime FP32."""
     from edgecli.runtimes.targets import gate, run_file
 
-    prec = "int8" if _quantized(onnx_final) else "fp32"
+    prec = _ort_precision(onnx_final)
     par = gate(src, run_file(onnx_final, "onnxruntime", prec, src.feeds), prec, cfg.export.parity)
     rows = [{"candidate": f"onnx:{prec}", "target": "onnx", "precision": prec, "runtime": "onnxruntime",
              "model": onnx_final, "bytes": onnx_final.stat().st_size, "parity": par, "eligible": True,
@@ -173,7 +173,9 @@ def _runtime(target: str) -> str:
     return TARGETS[target][0]
 
 
-def _quantized(path: Path) -> bool:
+def _ort_precision(path: Path) -> str:
+    """"int8" for an integer-quantized model (QDQ, integer ops, weight-only INT8/INT4), "fp16" for FP16
+    weights, else "fp32"."""
     from onnx import TensorProto
 
     from edgecli.onnxio import load_onnx
@@ -181,8 +183,9 @@ def _quantized(path: Path) -> bool:
     m = load_onnx(path, load_external=False)
     ops = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
            "DynamicQuantizeLinear", "MatMulNBits", "DynamicQuantizeMatMul", "QAttention", "QGemm"}
-    return any(n.op_type in ops for n in m.graph.node) or any(
-        t.data_type == TensorProto.FLOAT16 for t in m.graph.initializer)
+    if any(n.op_type in ops for n in m.graph.node):
+        return "int8"
+    return "fp16" if any(t.data_type == TensorProto.FLOAT16 for t in m.graph.initializer) else "fp32"
 
 
 def publish(cfg, store, w, work: Path, stage: str | None, src_path: Path, info: dict | None, quantized: bool,
@@ -196,10 +199,10 @@ def publish(cfg, store, w, work: Path, stage: str | None, src_path: Path, info: 
     """
     import shutil
 
-    from edgecli.runtimes.targets import build_checked, entry, file_name, onnx_entries, parse, source
+    from edgecli.runtimes.targets import build_checked, entry, onnx_entries, parse, source
 
     want = cfg.export.targets
-    own = onnx_entries(files, quantized, parity)
+    own = onnx_entries(files, quantized, parity, _ort_precision(onnx_final) if quantized else None)
     if want == "auto" or want == ["auto"]:
         src = source(cfg, store, stage, src_path, info, quantized, feeds, labels)
         # a quantized input: its float model is timed beside the candidates, so ratios read against ORT FP32
@@ -207,7 +210,8 @@ def publish(cfg, store, w, work: Path, stage: str | None, src_path: Path, info: 
         if winner is None:
             return own, table
         target, precision, built, par, ran = winner
-        names = [p.name for p in built] if target != "onnx" else [file_name(target, precision)]
+        # the float ONNX model beside the export's own model.onnx, never over it
+        names = [p.name for p in built] if target != "onnx" else [f"model-{precision}.onnx"]
         for p, name in zip(built, names, strict=True):
             shutil.copyfile(p, w.path(name))
         return own + [entry(target, precision, [w.path(n) for n in names], par, ran)], table

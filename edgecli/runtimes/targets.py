@@ -247,12 +247,13 @@ def build_checked(cfg, target: str, precision: str, src: Source, out_dir: Path) 
     return files, gate(src, got, precision, cfg.export.parity), ran_precision(sess)
 
 
-def onnx_entries(files: dict, quantized: bool, parity: dict | None) -> list[dict]:
-    """The export's own files as card targets (their parity is the export's, against its input)."""
+def onnx_entries(files: dict, quantized: bool, parity: dict | None, precision: str | None = None) -> list[dict]:
+    """The export's own files as card targets (their parity is the export's, against its input);
+    ``precision`` names a quantized model's kind ("int8", "fp16"; default "int8")."""
     from edgecli import runtimes
 
     version = runtimes.get("onnxruntime").version()
-    prec = "int8" if quantized else "fp32"
+    prec = (precision or "int8") if quantized else "fp32"
     out = []
     for target, name in (("onnx", "model.onnx"), ("ort", "model.ort")):
         if name in files:
