@@ -31,11 +31,10 @@ MODELS = {
 def run_model(name: str, artifacts: str, repeats: int) -> dict:
     from edgecli.artifacts import ArtifactStore
     from edgecli.config import load_config
-    from edgecli.onnxio import model_info_from_onnx
+    from edgecli.onnxio import is_quantized, load_onnx, model_info_from_onnx, model_inputs, parity_samples
     from edgecli.runtimes import targets as tg
-    from edgecli.runtimes.choose import choose, runtime_spec
+    from edgecli.runtimes.choose import choose
     from edgecli.stages import compress, export, train
-    from edgecli.stages.export import is_quantized, parity_samples
 
     sets = [f"artifacts_dir={artifacts}", f"bench.repeats={repeats}", "export.targets=[onnx]", *MODELS[name]["sets"]]
     cfg = load_config(REPO / "configs" / f"{name}.yaml", sets)
@@ -45,17 +44,14 @@ def run_model(name: str, artifacts: str, repeats: int) -> dict:
         stage.run(cfg, store, quiet=True)
     print(f"[{name}] train/compress/export {time.time() - t0:.0f} s", file=sys.stderr)
     final = store.require("export", "model.onnx")
-    from edgecli.compression.quantize import model_inputs
-    from edgecli.onnxio import load_onnx
-
     m = load_onnx(final, load_external=False)
     info = model_info_from_onnx(final)
     feeds, labels, _ = parity_samples(cfg, info, model_inputs(m), cfg.export.parity.samples)
     cm = store.require("compress", "model.onnx")  # export's input, before ORT's offline fusions
     src = tg.source(cfg, store, "compress", cm, info, is_quantized(load_onnx(cm, load_external=False)), feeds, labels)
     tinfo = store.manifest("train")["model_info"]
-    refs = [("onnx fp32 (train)", runtime_spec("onnxruntime", store.require("train", "model.onnx"), "fp32")),
-            ("pytorch eager", {"kind": "torch", "weights": str(store.require("train", "weights.safetensors")),
+    # ORT FP32 is a candidate of the choice itself (the export's model, or the float model behind a quantized one)
+    refs = [("pytorch eager", {"kind": "torch", "weights": str(store.require("train", "weights.safetensors")),
                                "model_info": tinfo, "num_classes": tinfo.get("num_classes")})]
     with tempfile.TemporaryDirectory(prefix="edgecli-runtimes-") as tmp:
         t0 = time.time()
@@ -67,19 +63,21 @@ def run_model(name: str, artifacts: str, repeats: int) -> dict:
 
 def render(name: str, t: dict) -> list[str]:
     rows = t["rows"]
-    ort = next(r for r in rows if r["candidate"] == "onnx fp32 (train)")
+    ort = next(r for r in rows if r["candidate"] == t["baseline"])
     torch_row = next(r for r in rows if r["candidate"] == "pytorch eager")
     lines = [f"\n## {name}: auto chose {t['chosen']} ({t['protocol']})", "",
-             "| candidate | p50 ms | vs ORT FP32 | vs PyTorch | size KB | accuracy / min cos | verdict |",
-             "|---|---|---|---|---|---|---|"]
+             "| candidate | ran in | p50 ms | vs ORT FP32 | vs PyTorch | size KB | accuracy / min cos | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r.get("parity") or {}
         q = (f"min cos {p['min_cosine']:.4f}" if "min_cosine" in p else
              f"{p['accuracy']:.4f} ({-p['accuracy_drop']:+.4f})" if "accuracy" in p else "-")
         p50 = r.get("p50_ms")
-        lines.append(f"| {r['candidate']} | {p50:.4f} | {p50 / ort['p50_ms']:.2f}x | {p50 / torch_row['p50_ms']:.2f}x "
-                     if p50 else f"| {r['candidate']} | - | - | - ")
+        ran = r.get("ran_precision") or r.get("precision") or ("fp32" if r["candidate"] == "pytorch eager" else "-")
+        lines.append(f"| {r['candidate']} | {ran} | {p50:.4f} | {p50 / ort['p50_ms']:.2f}x | "
+                     f"{p50 / torch_row['p50_ms']:.2f}x " if p50 else f"| {r['candidate']} | {ran} | - | - | - ")
         lines[-1] += f"| {r['bytes'] / 1024:.1f} | {q} | {r['why']} |" if r.get("bytes") else f"| - | {q} | {r['why']} |"
+    lines += [f"\n{n}" for n in t.get("notes") or []]
     return lines
 
 
@@ -87,7 +85,7 @@ def goals(name: str, t: dict) -> list[str]:
     g = MODELS[name]["goal"]
     rows = {r["candidate"]: r for r in t["rows"]}
     ch = rows[t["chosen"]]
-    ort, torch_row = rows["onnx fp32 (train)"], rows["pytorch eager"]
+    ort, torch_row = rows[t["baseline"]], rows["pytorch eager"]
     vs_ort, vs_torch = ch["p50_ms"] / ort["p50_ms"], ch["p50_ms"] / torch_row["p50_ms"]
     p = ch.get("parity") or {}
     out = [f"{name}: auto -> {t['chosen']}: {vs_ort:.2f}x ORT FP32, {vs_torch:.2f}x PyTorch eager, "
@@ -120,10 +118,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per candidate (interleaved)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
+    import re
+
     from edgecli.report import env_line
     from edgecli.runtimes.env import environment
 
-    print(f"# edge runtimes side by side\n\n{env_line(environment())}")
+    flags = sorted(set(re.findall(r"\b(avx2|avx512f|avx512_vnni|avx512_bf16|amx[a-z_]*)\b",
+                                  Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")))
+    print(f"# edge runtimes side by side\n\n{env_line(environment())}\nCPU flags: {' '.join(flags) or 'unknown'}")
     summary = []
     for name in args.only or list(MODELS):
         table = run_model(name, args.artifacts, args.repeats)

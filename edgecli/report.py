@@ -70,13 +70,15 @@ def fmt(v: Any, digits: int = 4) -> str:
 def render_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     """One result table on stdout."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title, box=box.SIMPLE_HEAVY if not _plain() else box.ASCII, title_justify="left")
+    # cells are text, never rich markup: "pip install -e '.[openvino]'" keeps its brackets
+    t = Table(title=escape(title), box=box.SIMPLE_HEAVY if not _plain() else box.ASCII, title_justify="left")
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
+        t.add_column(escape(c), justify="left" if i == 0 else "right", no_wrap=True)
     for r in rows:
-        t.add_row(*[fmt(v) for v in r])
+        t.add_row(*[escape(fmt(v)) for v in r])
     out_console().print(t)
 
 

@@ -291,3 +291,34 @@ def test_auto_publishes_a_measured_choice(pipe, tmp_path):
     assert all("why" in row for row in auto["rows"])
     extra = [t for t in card["targets"] if t["target"] not in ("onnx", "ort")]
     assert len(extra) <= 1 and all(f"{t['target']}:{t['precision']}" == auto["chosen"] for t in extra)
+
+
+def test_auto_without_the_extras_keeps_onnxruntime_never_slower_than_fp32(pipe, tmp_path):
+    """`auto` where no other runtime is installed: no crash; each runtime listed as not tried with its
+    extra; a quantized export input is timed beside the float model it came from, and the choice is the
+    faster of the two (the float one published as model-fp32.onnx, byte for byte the train model)."""
+    p = copy_of(pipe, tmp_path / "pipe")
+    p.cfg["compress"] = {"input": "train", "steps": [{"quantize": {"mode": "static", "calibration": {"samples": 64}}}],
+                         "max_accuracy_drop": 0.05, "objective": "size"}  # INT8 kept for its size
+    write_config(p.config, p.cfg)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_ABSENT)
+    cmds = [["compress", "-c", str(p.config), "-q"], ["export", "-c", str(p.config), "-q", "--set", "export.targets=auto"]]
+    results = _child(p, cmds, [site], {"EDGECLI_TEST_ABSENT": "ai_edge_litert,litert_torch,executorch,openvino,nncf"})
+    assert [rc for rc, _ in results] == [0, 0], results
+    card = _card(p)
+    auto = card["auto"]
+    rows = {r["candidate"]: r for r in auto["rows"]}
+    assert card["quantized"] and set(rows) == {"onnx:int8", "onnx:fp32"}, list(rows)
+    assert auto["baseline"] == "onnx:fp32" and all(r["runs"] > 0 for r in rows.values())
+    assert auto["chosen"] == min(rows, key=lambda c: rows[c]["p50_ms"])
+    for extra in ("litert", "executorch", "openvino"):
+        assert any(n.startswith(f"{extra} not tried") and f"pip install -e '.[{extra}]'" in n for n in auto["notes"])
+    published = {t["file"] for t in card["targets"]}
+    if auto["chosen"] == "onnx:fp32":
+        fp32 = p.run_dir / "export" / "model-fp32.onnx"
+        assert fp32.read_bytes() == (p.run_dir / "train" / "model.onnx").read_bytes()
+        assert published == {"model.onnx", "model.ort", "model-fp32.onnx"}
+    else:
+        assert published == {"model.onnx", "model.ort"}

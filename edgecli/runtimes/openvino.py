@@ -26,12 +26,22 @@ _RT_KEY = ["edgecli", "precision"]
 
 
 def cpu_has_bf16() -> bool:
-    import openvino as ov
-
+    """Whether OpenVINO's CPU plugin computes bf16 here (AVX512_BF16 or AMX); False when it cannot tell
+    (no such property, or an install that does not import: converting then names the extra)."""
     try:
+        import openvino as ov
+
         return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    except Exception:  # noqa: BLE001 - no CPU plugin property: treat as no bf16
+    except Exception:  # noqa: BLE001 - no CPU plugin property, or a broken install: treat as no bf16
         return False
+
+
+def ran_precision(precision: str, hint: str) -> str:
+    """What ran, in words: the compiled inference precision (``f32``/``bf16``), after what NNCF made INT8
+    ("int8 weights + bf16": INT8 weights dequantized into bf16 compute; "int8 + f32": INT8 kernels, the
+    operations NNCF left in float computed in f32)."""
+    made = {"int8-weights": "int8 weights", "int8": "int8"}.get(precision.split("+")[0])
+    return f"{made} + {hint}" if made else hint
 
 
 def _hint(precision: str) -> str:
@@ -51,7 +61,8 @@ class _OvSession:
         self.inputs = [TensorSpec(p.get_any_name(), _shape(p), _dtype(p)) for p in compiled.inputs]
         self.outputs = [TensorSpec(p.get_any_name(), _shape(p), _dtype(p)) for p in compiled.outputs]
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")  # what the plugin really computes in
-        self.ran_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self.ran_precision = ran_precision(precision, hint.get_type_name() if hasattr(hint, "get_type_name")
+                                           else str(hint))
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         from edgecli.runtimes import by_position
@@ -90,10 +101,10 @@ class _OpenVinoBackend:
         return ov.get_version().split("-")[0]
 
     def candidates(self) -> list[str]:
-        """Precisions worth trying on this CPU (bf16 ones only where the CPU computes bf16)."""
-        if cpu_has_bf16():
-            return ["fp32", "bf16", "int8-weights+bf16", "int8+bf16"]
-        return ["fp32", "int8-weights", "int8"]
+        """Precisions worth trying on this CPU: FP32, INT8 weights (``compress_weights``) and static INT8
+        (``quantize``) everywhere, each also computed in bf16 where the CPU computes bf16."""
+        f32 = ["fp32", "int8-weights", "int8"]
+        return f32 + (["bf16", "int8-weights+bf16", "int8+bf16"] if cpu_has_bf16() else [])
 
     @install_errors
     def convert(self, onnx_path: Path, out_path: Path, *, precision: str = "fp32", calib: dict | None = None,

@@ -59,7 +59,7 @@ def parse(item: str) -> tuple[str, str]:
 
 
 def file_name(target: str, precision: str) -> str:
-    suffix = {"tflite": ".tflite", "pte": ".pte", "openvino": ".xml"}[target]
+    suffix = {"onnx": ".onnx", "tflite": ".tflite", "pte": ".pte", "openvino": ".xml"}[target]
     tag = "" if precision == "fp32" else "-" + precision.replace("+", "-")
     return f"model{tag}{suffix}"
 
@@ -176,9 +176,21 @@ def _build(cfg, backend, target: str, precision: str, src: Source, out: Path) ->
 
 def run_file(path: Path, backend: str, precision: str, feeds: dict, batch: int = 64) -> np.ndarray:
     """First output of ``path`` over ``feeds`` through the runtime layer, batched."""
+    return run_session(open_file(path, backend, precision), feeds, batch)
+
+
+def open_file(path: Path, backend: str, precision: str):
     from edgecli import runtimes
 
-    sess = runtimes.require(backend).open(path, threads=1, precision=precision)
+    return runtimes.require(backend).open(path, threads=1, precision=precision)
+
+
+def ran_precision(sess) -> str:
+    """What the session really computes in (OpenVINO reports its compiled inference precision)."""
+    return getattr(sess, "ran_precision", None) or sess.precision
+
+
+def run_session(sess, feeds: dict, batch: int = 64) -> np.ndarray:
     n = len(next(iter(feeds.values())))
     outs = [sess.run({k: v[i:i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)]
     return np.concatenate(outs).astype(np.float64)
@@ -227,18 +239,21 @@ def entry(target: str, precision: str, files: list[Path], parity: dict, ran: str
             "bytes": sum(p.stat().st_size for p in files), "parity": parity}
 
 
-def build_checked(cfg, target: str, precision: str, src: Source, out_dir: Path) -> tuple[list[Path], dict]:
+def build_checked(cfg, target: str, precision: str, src: Source, out_dir: Path) -> tuple[list[Path], dict, str]:
+    """(the target's files, its gate record, the precision its runtime really computed in)."""
     files = build(cfg, target, precision, src, out_dir)
-    got = run_file(files[0], TARGETS[target][0], precision, src.feeds)
-    return files, gate(src, got, precision, cfg.export.parity)
+    sess = open_file(files[0], TARGETS[target][0], precision)
+    got = run_session(sess, src.feeds)
+    return files, gate(src, got, precision, cfg.export.parity), ran_precision(sess)
 
 
-def onnx_entries(files: dict, quantized: bool, parity: dict | None) -> list[dict]:
-    """The export's own files as card targets (their parity is the export's, against its input)."""
+def onnx_entries(files: dict, quantized: bool, parity: dict | None, precision: str | None = None) -> list[dict]:
+    """The export's own files as card targets (their parity is the export's, against its input);
+    ``precision`` names a quantized model's kind ("int8", "fp16"; default "int8")."""
     from edgecli import runtimes
 
     version = runtimes.get("onnxruntime").version()
-    prec = "int8" if quantized else "fp32"
+    prec = (precision or "int8") if quantized else "fp32"
     out = []
     for target, name in (("onnx", "model.onnx"), ("ort", "model.ort")):
         if name in files:
@@ -268,7 +283,7 @@ def card_for(path: Path) -> dict:
 def tables(card: dict) -> list[tuple[str, list[str], list[list]]]:
     """(title, columns, rows) for the export stage's output: the targets, and auto's choice."""
     out = []
-    extra = [t for t in card.get("targets", []) if t["target"] not in ("onnx", "ort")]
+    extra = [t for t in card.get("targets", []) if t.get("file") not in ("model.onnx", "model.ort")]
     if extra:
         out.append(("export targets", ["file", "runtime", "precision", "bytes", "parity"],
                     [[t["file"], f"{t['runtime']} {t['version']}", t.get("ran_precision") or t["precision"], t["bytes"],
@@ -280,7 +295,9 @@ def tables(card: dict) -> list[tuple[str, list[str], list[list]]]:
                      "verdict"],
                     [[r["candidate"], f"{r['p50_ms']:.4f}" if "p50_ms" in r else "-",
                       f"{r['vs_onnxruntime']:.2f}x" if r.get("vs_onnxruntime") else "-", r.get("bytes", "-"),
-                      _parity_text(r.get("parity") or {}), r["why"]] for r in auto["rows"]]))
+                      _parity_text(r.get("parity") or {}), r["why"]] for r in auto["rows"]]
+                    # a runtime that is not installed (or cannot take this model): its one-line reason
+                    + [[n.partition(" ")[0], "-", "-", "-", "-", n.partition(" ")[2]] for n in auto.get("notes") or []]))
     return out
 
 
@@ -414,7 +431,7 @@ def bench_entries(export_dir: Path, wanted: list[str] | None) -> tuple[list[dict
     for name in wanted or []:
         runtimes.require(name)
     for t in card.get("targets", []):
-        if t["target"] in ("onnx", "ort") or (wanted is not None and t["runtime"] not in wanted):
+        if t.get("file") in ("model.onnx", "model.ort") or (wanted is not None and t["runtime"] not in wanted):
             continue
         why = runtimes.get(t["runtime"]).unavailable()
         if why:
