@@ -2,12 +2,16 @@
 
 For digits-cnn, digits-resnet8, digits-mobilenet and minilm-embed: train (short), compress and
 export as each config says, then run edgecli's own auto choice (edgecli.runtimes.choose, the code
-`export.targets: auto` runs) with ONNX Runtime FP32 (the train model) and PyTorch eager timed in
-the same interleaved rounds as references. One table per model: p50 at batch 1 and 1 thread,
-size, accuracy on the test split (min cosine to FP32 for the embedder), ratios vs ORT FP32 and
-PyTorch eager; then the goals.
+`export.targets: auto` runs) with PyTorch eager timed in the same interleaved rounds as a reference.
+ONNX Runtime FP32 is one of auto's own candidates (the export's model when it is float, else the
+train model behind it). One table per model: every runtime x precision, the precision it ran in
+(OpenVINO's compiled inference precision), p50 at batch 1 and 1 thread, size, accuracy on the
+parity samples of the test split (min cosine to FP32 for the embedder), ratios vs ORT FP32 and
+PyTorch eager, verdict; then auto's choice against the goals. The CPU flags are printed first.
 
-    .venv/bin/python benchmarks/runtimes.py [--artifacts /tmp/edgecli-runtimes] [--only digits-cnn]
+    nice .venv/bin/python benchmarks/runtimes.py [--artifacts DIR] [--only digits-cnn] [--repeats 3]
+
+About 30 minutes on a 2-vCPU EPYC (15 with the artifacts of an earlier run kept in --artifacts).
 """
 
 from __future__ import annotations

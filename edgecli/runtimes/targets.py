@@ -286,7 +286,7 @@ def tables(card: dict) -> list[tuple[str, list[str], list[list]]]:
     extra = [t for t in card.get("targets", []) if t.get("file") not in ("model.onnx", "model.ort")]
     if extra:
         out.append(("export targets", ["file", "runtime", "precision", "bytes", "parity"],
-                    [[t["file"], f"{t['runtime']} {t['version']}", t.get("ran_precision") or t["precision"], t["bytes"],
+                    [[t["file"], f"{t['runtime']} {t['version']}", _precision_text(t), t["bytes"],
                       _parity_text(t["parity"])] for t in extra]))
     auto = card.get("auto")
     if auto:
@@ -299,6 +299,11 @@ def tables(card: dict) -> list[tuple[str, list[str], list[list]]]:
                     # a runtime that is not installed (or cannot take this model): its one-line reason
                     + [[n.partition(" ")[0], "-", "-", "-", "-", n.partition(" ")[2]] for n in auto.get("notes") or []]))
     return out
+
+
+def _precision_text(t: dict) -> str:
+    ran = t.get("ran_precision")
+    return t["precision"] if not ran or ran == t["precision"] else f"{t['precision']} (ran {ran})"
 
 
 def _parity_text(p: dict) -> str:
