@@ -27,11 +27,17 @@ from tests.conftest import edgecli, tiny_config, write_config
 from tests.test_hardening_config import assert_user_error, snapshot
 
 
+def _sigint_default() -> None:
+    """A suite started in the background (`cmd &`, nohup) inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt: give the child the default disposition a terminal user's edgecli has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _popen(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
     env.pop("EDGECLI_DEBUG", None)
     return subprocess.Popen([sys.executable, "-m", "edgecli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_sigint_default)
 
 
 def _wait_for(pred, timeout=120.0) -> bool:
