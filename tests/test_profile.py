@@ -85,7 +85,7 @@ def test_onnxruntime_profile_is_a_chrome_trace_of_the_model_ops(profiled):
     assert ops["Conv"]["calls"] == CONVS * runs and ops["Gemm"]["calls"] == runs  # warm-up runs left out
     printed = _printed(out, "export")
     assert {r[0] for r in printed} >= {"Conv", "Gemm"}
-    assert sum(float(r[1].rstrip("%")) for r in printed) <= 100.05
+    assert sum(float(r[1].rstrip("%")) for r in printed) <= 100 + 0.05 * len(printed)  # each rounded to 0.1
     assert abs(sum(o["share"] for o in prof["ops"]) - 1) < 1e-9
 
 
@@ -101,7 +101,7 @@ def test_openvino_profile_is_its_performance_counters(profiled):
     assert ops["Convolution"]["calls"] == CONVS * prof["runs"] and ops["FullyConnected"]["calls"] == prof["runs"]
     printed = _printed(out, "export openvino:fp32")
     assert {r[0] for r in printed} >= {"Convolution", "FullyConnected"}
-    assert sum(float(r[1].rstrip("%")) for r in printed) <= 100.05
+    assert sum(float(r[1].rstrip("%")) for r in printed) <= 100 + 0.05 * len(printed)  # each rounded to 0.1
 
 
 @pytest.mark.skipif(not _installed("executorch"), reason="the executorch extra is not installed")
@@ -125,7 +125,7 @@ def test_executorch_profile_is_an_etdump_or_says_why_not(profiled):
     assert mine[conv]["calls"] == CONVS * BATCH * prof["runs"] and mine[linear]["calls"] == BATCH * prof["runs"]
     printed = _printed(out, "export pte:fp32")
     assert any(r[0].startswith("Convolution") for r in printed)
-    assert sum(float(r[1].rstrip("%")) for r in printed) <= 100.05
+    assert sum(float(r[1].rstrip("%")) for r in printed) <= 100 + 0.05 * len(printed)  # each rounded to 0.1
 
 
 @pytest.mark.skipif(not _installed("litert"), reason="the litert extra is not installed")
