@@ -264,6 +264,28 @@ def test_a_hostile_card_target_is_refused(pipe, tmp_path):
         assert "not a plain file name" in r.stderr or "does not verify" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("target", edge_params)
+def test_bench_refuses_a_target_file_or_card_changed_after_export(pipe, tmp_path, target):
+    """A swapped target file would be measured and reported as the export's: bench checks the card and each
+    file it names against the export manifest first (exit 2, one line, no bench stage written)."""
+    p = copy_of(pipe, tmp_path / "pipe")
+    export = p.run_dir / "export"
+    fname = TARGETS[target][1]
+    original = (export / fname).read_bytes()
+    (export / fname).write_bytes(original[: len(original) // 2])
+    args = ("bench", "-c", str(p.config), "-q", "--set", "bench.torch_baseline=false", "--set", "bench.models=[export]")
+    r = cli(*args, cwd=p.dir)
+    assert r.returncode == 2 and f"{fname} does not match its manifest" in r.stderr, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and not (p.run_dir / "bench").exists()
+    (export / fname).write_bytes(original)
+    card = json.loads((export / "card.json").read_text())
+    next(t for t in card["targets"] if t["target"] == target)["file"] = "../victim" + Path(fname).suffix
+    (export / "card.json").write_text(json.dumps(card))
+    r = cli(*args, cwd=p.dir)
+    assert r.returncode == 2 and "card.json does not match its manifest" in r.stderr, (r.returncode, r.stderr)
+    assert not (p.run_dir / "bench").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["tflite:int8", "pte:int8", "openvino:int8-weights", "openvino:int8"])
 def test_int8_targets_hold_the_accuracy_gate_and_infer(pipe, ort_top1, tmp_path, target):

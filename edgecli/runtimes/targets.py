@@ -443,6 +443,7 @@ def bench_entries(export_dir: Path, wanted: list[str] | None) -> tuple[list[dict
             notes.append(f"export {t['target']}:{t['precision']} not benched: {why}")
             continue
         out.append({"label": f"export {t['target']}:{t['precision']}", "path": export_dir / t["file"],
+                    "files": sorted({t["file"], *(t.get("files") or {})}),
                     "runtime": t["runtime"], "precision": t["precision"], "bytes": t["bytes"],
                     "input_names": [i["name"] for i in card.get("inputs") or []],
                     "embedder": "min_cosine" in (t.get("parity") or {})})
