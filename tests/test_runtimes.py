@@ -261,13 +261,13 @@ def test_a_hostile_card_target_is_refused(pipe, tmp_path):
         (export / "card.json").write_text(json.dumps(card))
         r = cli("infer", "-c", str(p.config), "--runtime", "litert", "--json", _pngs(p)[0], cwd=p.dir)
         assert r.returncode == 2 and r.stdout == "", (name, r.returncode, r.stdout, r.stderr)
-        assert "not a plain file name" in r.stderr or "does not verify" in r.stderr, r.stderr
+        assert "not a plain file name" in r.stderr or "card.json does not match its manifest" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("target", edge_params)
-def test_bench_refuses_a_target_file_or_card_changed_after_export(pipe, tmp_path, target):
-    """A swapped target file would be measured and reported as the export's: bench checks the card and each
-    file it names against the export manifest first (exit 2, one line, no bench stage written)."""
+def test_bench_and_infer_refuse_a_target_file_or_card_changed_after_export(pipe, tmp_path, target):
+    """A swapped target file would be measured (or answered) as the export's: bench and infer --runtime check
+    the card and each file it names against the export manifest first (exit 2, one line, no bench stage)."""
     p = copy_of(pipe, tmp_path / "pipe")
     export = p.run_dir / "export"
     fname = TARGETS[target][1]
@@ -277,6 +277,8 @@ def test_bench_refuses_a_target_file_or_card_changed_after_export(pipe, tmp_path
     r = cli(*args, cwd=p.dir)
     assert r.returncode == 2 and f"{fname} does not match its manifest" in r.stderr, (r.returncode, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1 and not (p.run_dir / "bench").exists()
+    r = cli("infer", "-c", str(p.config), "--runtime", TARGETS[target][0], "--json", _pngs(p)[0], cwd=p.dir)
+    assert r.returncode == 2 and r.stdout == "" and f"{fname} does not match its manifest" in r.stderr, r.stderr
     (export / fname).write_bytes(original)
     card = json.loads((export / "card.json").read_text())
     next(t for t in card["targets"] if t["target"] == target)["file"] = "../victim" + Path(fname).suffix
