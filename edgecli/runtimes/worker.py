@@ -71,6 +71,7 @@ class WorkerResult(BaseModel):
     ok: bool
     error: str | None = None
     user_error: bool = False  # an EdgeError (the model file's fault), not a crash
+    config_error: bool = False  # a ConfigError (a runtime installed but not importing): the parent says so, exit 2
     traceback: str | None = None
     providers_used: list[str] = []
     input: dict | None = None
