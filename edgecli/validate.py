@@ -102,6 +102,12 @@ def _forward(cfg: PipelineConfig, splits) -> list[str]:
         what = "a function" if callable(cls) and not isinstance(cls, type) else f"a {type(cls).__name__}"
         raise ConfigError(f"model.arch: '{arch}' is {what}, not a torch.nn.Module class")
     model = build_model(arch, shape, num_classes, cfg.model.args)
+    lines = []
+    if cfg.train.privacy:  # what DP-SGD refuses (BatchNorm without fix_batchnorm, ...); the forward runs the fixed model
+        from edgecli.privacy import check_model as dp_model
+
+        model, fix_notes = dp_model(model, cfg.train.privacy, arch)
+        lines += [f"model: {n}" for n in fix_notes]
     if cfg.train.init_from:
         from edgecli.training import load_matching, load_weights_file
 
@@ -109,7 +115,7 @@ def _forward(cfg: PipelineConfig, splits) -> list[str]:
         loaded, _ = load_matching(model, load_weights_file(w))
         if not loaded:
             raise ConfigError(f"train.init_from: no tensor in {w} matches model '{arch}' by name and shape")
-    return check_forward(model, arch, splits, num_classes)
+    return lines + check_forward(model, arch, splits, num_classes)
 
 
 def check_forward(model, arch: str, splits, num_classes: int) -> list[str]:

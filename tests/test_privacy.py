@@ -114,6 +114,12 @@ def test_batchnorm_without_fix_is_a_one_line_config_error(tmp_path):
     assert lines[0].startswith("config error: train.privacy:") and "fix_batchnorm" in lines[0]
     assert "BatchNorm" in lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "artifacts" / "bn" / "train").exists()
+    # validate says so too, before anyone runs train (it said "ok")
+    r = edgecli("validate", "-c", str(path), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == lines, (r.returncode, r.stdout, r.stderr)
+    cfg["train"]["privacy"]["fix_batchnorm"] = True
+    r = edgecli("validate", "-c", str(write_config(tmp_path / "bn.yaml", cfg)), cwd=tmp_path)
+    assert r.returncode == 0 and "replaced 3 BatchNorm layers by GroupNorm" in r.stdout, r.stdout + r.stderr
 
 
 def test_dpcnn_trains_privately_without_the_batchnorm_fix_and_warns_about_dataset_statistics(tmp_path):
