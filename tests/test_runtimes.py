@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CLI_ENV, REPO, Pipeline, cli, copy_of, write_config
+from tests.conftest import CLI_ENV, REPO, Pipeline, cli, copy_of, edgecli, write_config
 
 # target -> (runtime, file, pip distribution that carries the runtime's version, extra)
 TARGETS = {
@@ -265,6 +265,20 @@ def test_a_hostile_card_target_is_refused(pipe, tmp_path):
         r = cli("infer", "-c", str(p.config), "--runtime", "litert", "--json", _pngs(p)[0], cwd=p.dir)
         assert r.returncode == 2 and r.stdout == "", (name, r.returncode, r.stdout, r.stderr)
         assert "not a plain file name" in r.stderr or "card.json does not match its manifest" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("target", edge_params)
+def test_infer_stderr_holds_edgecli_lines_only_unless_verbose(pipe, target):
+    """(A real child process: the chatter is written to fd 2, past Python's sys.stderr.) The runtimes' own chatter (ExecuTorch's cpuinfo/threadpool lines, torchao's failed .so loads, LiteRT's
+    "INFO: Created TensorFlow Lite XNNPACK delegate") stays off stderr; -v shows library logs."""
+    runtime = TARGETS[target][0]
+    r = edgecli("infer", "-c", str(pipe.config), "--runtime", runtime, _pngs(pipe)[0], cwd=pipe.dir)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("infer: ") for ln in lines), r.stderr
+    if target == "tflite":
+        r = edgecli("infer", "-c", str(pipe.config), "--runtime", runtime, "-v", _pngs(pipe)[0], cwd=pipe.dir)
+        assert r.returncode == 0 and "XNNPACK delegate" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("target", edge_params)
