@@ -80,10 +80,28 @@ def check_model(cfg: PipelineConfig) -> list[str]:
     from edgecli.data import input_files, load_splits
 
     input_files(cfg)  # a missing path, an empty class folder: before anything is loaded
+    check_calibration_files(cfg)
     splits = load_splits(cfg)
     out = [f"data: {splits.source}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
            f"{splits.num_classes} classes, input {splits.spec.input_shape}"]
     return out + _forward(cfg, splits)
+
+
+def check_calibration_files(cfg: PipelineConfig) -> None:
+    """Each quantize step's ``calibration.data``: a regular file that is there (compress would refuse it later)."""
+    from pathlib import Path
+
+    from edgecli.errors import DataError
+
+    for i, st in enumerate(cfg.compress.steps):
+        c = st.quantize.calibration.data if st.kind == "quantize" else None
+        if not c:
+            continue
+        p, key = Path(c).expanduser(), f"compress.steps.{i}.quantize.calibration.data"
+        if not p.exists():
+            raise DataError(f"{key}: {p} does not exist")
+        if not p.is_file():
+            raise DataError(f"{key}: {p} is not a regular file (a directory, FIFO or device); refused")
 
 
 def _forward(cfg: PipelineConfig, splits) -> list[str]:
