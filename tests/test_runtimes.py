@@ -267,6 +267,22 @@ def test_a_hostile_card_target_is_refused(pipe, tmp_path):
         assert "not a plain file name" in r.stderr or "card.json does not match its manifest" in r.stderr, r.stderr
 
 
+@needs["openvino"]
+def test_a_random_bytes_openvino_model_is_one_model_error_line(pipe, tmp_path):
+    """OpenVINO's frontends echo the file's bytes to the probe child's stderr: bytes that are not UTF-8 were an
+    unexpected UnicodeDecodeError (exit 1); OpenVINO's message is given without its "Exception from" lines."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for f in ("card.json", "model.bin"):
+        (bundle / f).write_bytes((pipe.run_dir / "export" / f).read_bytes())
+    (bundle / "model.xml").write_bytes(np.random.default_rng(1).bytes(5000))
+    r = edgecli("infer", "-c", str(pipe.config), "--set", f"infer.input={bundle / 'model.xml'}", _pngs(pipe)[0],
+                cwd=pipe.dir)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("model error:"), r.stderr
+    assert "Unable to read the model" in lines[0], lines[0]
+
+
 @pytest.mark.parametrize("target", edge_params)
 def test_infer_stderr_holds_edgecli_lines_only_unless_verbose(pipe, target):
     """(A real child process: the chatter is written to fd 2, past Python's sys.stderr.) The runtimes' own chatter (ExecuTorch's cpuinfo/threadpool lines, torchao's failed .so loads, LiteRT's
