@@ -423,10 +423,11 @@ def main(argv: list[str]) -> int:
 
 
 def _error(e: Exception) -> dict:
-    from edgecli.errors import EdgeError
+    from edgecli.errors import ConfigError, EdgeError
 
     msg = e.message if isinstance(e, EdgeError) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return {"ok": False, "error": msg, "user_error": isinstance(e, EdgeError), "traceback": traceback.format_exc()}
+    return {"ok": False, "error": msg, "user_error": isinstance(e, EdgeError), "config_error": isinstance(e, ConfigError),
+            "traceback": traceback.format_exc()}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgecli.config import PipelineConfig
-from edgecli.errors import CheckFailed, ModelFileError
+from edgecli.errors import CheckFailed, ConfigError, ModelFileError
 from edgecli.runtimes.worker import WorkerResult, WorkerSpec, latency_stats, merge_repeats
 from edgecli.runtimes.worker import run_worker as launch_worker
 
@@ -95,6 +95,8 @@ def run_worker(spec: WorkerSpec, tmp: Path, label: str) -> WorkerResult:
     if not res.ok:
         if os.environ.get("EDGECLI_DEBUG"):
             print(res.traceback or "", file=sys.stderr)
+        if res.config_error:  # the worker's runtime is installed but does not import: the error names the extra
+            raise ConfigError(res.error)
         if res.user_error:
             raise ModelFileError(f"bench: {label}: {res.error}")
         raise CheckFailed(f"bench: measuring {label} failed: {res.error}")

@@ -648,7 +648,7 @@ def probe_model(path: str | Path, *, timeout_s: float = 120.0) -> dict:
     env = {**os.environ, "EDGECLI_PARENT_PID": str(os.getpid()), "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                         os.environ.get("PYTHONPATH")]))}
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD, str(path)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", _PROBE_CHILD, str(path)], capture_output=True, text=True, errors="replace",
                               timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         raise ModelFileError(f"{path}: ONNX Runtime did not load and run this model within {timeout_s:g} s; refused") from None

@@ -76,7 +76,11 @@ def render_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     # cells are text, never rich markup: "pip install -e '.[openvino]'" keeps its brackets
     t = Table(title=escape(title), box=box.SIMPLE_HEAVY if not _plain() else box.ASCII, title_justify="left")
     for i, c in enumerate(columns):
-        t.add_column(escape(c), justify="left" if i == 0 else "right", no_wrap=True)
+        # the last column (a verdict, a reason) wraps when the table is too wide, so the numbers before it
+        # are never cut to an ellipsis
+        last = i == len(columns) - 1 and i > 0
+        t.add_column(escape(c), justify="left" if i == 0 else "right", no_wrap=not last,
+                     overflow="fold" if last else "ellipsis")
     for r in rows:
         t.add_row(*[escape(fmt(v)) for v in r])
     out_console().print(t)

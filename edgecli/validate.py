@@ -80,10 +80,28 @@ def check_model(cfg: PipelineConfig) -> list[str]:
     from edgecli.data import input_files, load_splits
 
     input_files(cfg)  # a missing path, an empty class folder: before anything is loaded
+    check_calibration_files(cfg)
     splits = load_splits(cfg)
     out = [f"data: {splits.source}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
            f"{splits.num_classes} classes, input {splits.spec.input_shape}"]
     return out + _forward(cfg, splits)
+
+
+def check_calibration_files(cfg: PipelineConfig) -> None:
+    """Each quantize step's ``calibration.data``: a regular file that is there (compress would refuse it later)."""
+    from pathlib import Path
+
+    from edgecli.errors import DataError
+
+    for i, st in enumerate(cfg.compress.steps):
+        c = st.quantize.calibration.data if st.kind == "quantize" else None
+        if not c:
+            continue
+        p, key = Path(c).expanduser(), f"compress.steps.{i}.quantize.calibration.data"
+        if not p.exists():
+            raise DataError(f"{key}: {p} does not exist")
+        if not p.is_file():
+            raise DataError(f"{key}: {p} is not a regular file (a directory, FIFO or device); refused")
 
 
 def _forward(cfg: PipelineConfig, splits) -> list[str]:
@@ -102,6 +120,12 @@ def _forward(cfg: PipelineConfig, splits) -> list[str]:
         what = "a function" if callable(cls) and not isinstance(cls, type) else f"a {type(cls).__name__}"
         raise ConfigError(f"model.arch: '{arch}' is {what}, not a torch.nn.Module class")
     model = build_model(arch, shape, num_classes, cfg.model.args)
+    lines = []
+    if cfg.train.privacy:  # what DP-SGD refuses (BatchNorm without fix_batchnorm, ...); the forward runs the fixed model
+        from edgecli.privacy import check_model as dp_model
+
+        model, fix_notes = dp_model(model, cfg.train.privacy, arch)
+        lines += [f"model: {n}" for n in fix_notes]
     if cfg.train.init_from:
         from edgecli.training import load_matching, load_weights_file
 
@@ -109,7 +133,7 @@ def _forward(cfg: PipelineConfig, splits) -> list[str]:
         loaded, _ = load_matching(model, load_weights_file(w))
         if not loaded:
             raise ConfigError(f"train.init_from: no tensor in {w} matches model '{arch}' by name and shape")
-    return check_forward(model, arch, splits, num_classes)
+    return lines + check_forward(model, arch, splits, num_classes)
 
 
 def check_forward(model, arch: str, splits, num_classes: int) -> list[str]:

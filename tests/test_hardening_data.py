@@ -278,3 +278,13 @@ def test_a_class_with_zero_samples(tmp_path):
     _refused(tmp_path, "need at least 2 classes", dataset="csv",
              path=str(_write(tmp_path / "one.csv", "x,label\n" + "1,a\n" * 20)))
     _refused(tmp_path, "only 4 samples", dataset="csv", path=str(_csv(tmp_path / "few.csv", n=4)))
+
+
+def test_validate_checks_calibration_data_as_compress_will(tmp_path):
+    """validate said "ok" for a calibration.data that is missing or a FIFO; compress then refused it."""
+    os.mkfifo(tmp_path / "calib.npy")
+    for path, says in ((tmp_path / "gone.npy", "does not exist"), (tmp_path / "calib.npy", "not a regular file")):
+        cfg = tiny_config("calib", tmp_path / "artifacts")
+        cfg["compress"] = {"steps": [{"quantize": {"mode": "static", "calibration": {"data": str(path)}}}]}
+        r = edgecli("validate", "-c", str(write_config(tmp_path / "calib.yaml", cfg)), cwd=tmp_path)
+        assert_user_error(r, 2, "data error", "compress.steps.0.quantize.calibration.data", says)

@@ -114,6 +114,28 @@ def test_batchnorm_without_fix_is_a_one_line_config_error(tmp_path):
     assert lines[0].startswith("config error: train.privacy:") and "fix_batchnorm" in lines[0]
     assert "BatchNorm" in lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "artifacts" / "bn" / "train").exists()
+    # validate says so too, before anyone runs train (it said "ok")
+    r = edgecli("validate", "-c", str(path), cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == lines, (r.returncode, r.stdout, r.stderr)
+    cfg["train"]["privacy"]["fix_batchnorm"] = True
+    r = edgecli("validate", "-c", str(write_config(tmp_path / "bn.yaml", cfg)), cwd=tmp_path)
+    assert r.returncode == 0 and "replaced 3 BatchNorm layers by GroupNorm" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    ({"channels": [30, 32], "groups": 4}, "groups=4 does not divide 30 channels"),
+    ({"channels": [32, 32], "groups": 0}, "groups must be a positive number"),  # was ZeroDivisionError, exit 1
+    ({"channels": [32, -8], "groups": 4}, "channels must be positive, got -8"),
+])
+def test_dpcnn_args_it_cannot_build_are_one_config_error_line(tmp_path, args, says):
+    cfg = tiny_config("dpargs", tmp_path / "artifacts", model={"arch": "dpcnn", "args": args})
+    path = write_config(tmp_path / "dpargs.yaml", cfg)
+    for cmd in (["validate"], ["train", "-q"]):
+        r = edgecli(*cmd, "-c", str(path), cwd=tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("config error: model:"), (cmd, r.stderr)
+        assert says in lines[0], lines[0]
+    assert not (tmp_path / "artifacts" / "dpargs" / "train").exists()
 
 
 def test_dpcnn_trains_privately_without_the_batchnorm_fix_and_warns_about_dataset_statistics(tmp_path):

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -121,6 +124,10 @@ def test_input_file_validation(tmp_path, mlp):
     assert load_input_file(tmp_path / "ok.npz", ins, "k")["x"].shape == (3, 64)
     with pytest.raises(DataError, match="does not exist"):
         load_input_file(tmp_path / "nope.npy", ins, "k")
+    os.mkfifo(tmp_path / "fifo.npy")  # exists, but would block: refused as what it is, not "missing"
+    for bad in (tmp_path / "fifo.npy", Path("/dev/zero"), tmp_path):
+        with pytest.raises(DataError, match="not a regular file"):
+            load_input_file(bad, ins, "k")
 
 
 def test_mode_table_matches_the_schema_and_says_where_each_mode_applies(mlp, tmp_path):

@@ -40,3 +40,19 @@ def test_pareto_label_of_a_lone_point_stays_beside_it(tmp_path):
            {"label": "pytorch", "kind": "torch", "p50_ms": 0.5, "accuracy": 0.90, "size_bytes": 40_000}]
     anns, _ = _label_boxes(plot_pareto(pts, tmp_path / "p.png", "t"))
     assert [a.xyann for a in anns] == [(8, 8), (8, 8)]  # nothing to avoid: the usual offset
+
+
+def test_a_long_reason_in_the_last_column_wraps_and_leaves_the_figures_whole(capsys):
+    """export's auto table in a 200-column log: a long 'not built: ...' verdict used to cut every other
+    column down to an ellipsis (candidate names and p50s unreadable)."""
+    from edgecli.report import render_table
+
+    why = "not built: runtime openvino: installed but does not import (ImportError); " * 3
+    rows = [["openvino:int8-weights+bf16", 0.123456, "1.00x", "12.3 KB", "acc 0.9844 (drop +0.0000)", why],
+            ["tflite:int8", 0.0251, "0.51x", "65.1 KB", "acc 0.9844 (drop +0.0000)", "chosen: fastest"]]
+    render_table("auto", ["candidate", "p50 ms", "vs onnx", "bytes", "accuracy / min cos", "verdict"], rows)
+    out = capsys.readouterr().out
+    assert max(len(ln) for ln in out.splitlines()) <= 200
+    for cell in ("openvino:int8-weights+bf16", "0.1235", "1.00x", "12.3 KB", "acc 0.9844 (drop +0.0000)", "0.0251"):
+        assert cell in out, out
+    assert "(ImportError)" in out and "…" not in out

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CLI_ENV, REPO, Pipeline, cli, copy_of, write_config
+from tests.conftest import CLI_ENV, REPO, Pipeline, cli, copy_of, edgecli, write_config
 
 # target -> (runtime, file, pip distribution that carries the runtime's version, extra)
 TARGETS = {
@@ -232,6 +232,7 @@ def test_a_runtime_that_is_not_installed_is_one_line_naming_its_extra(pipe, tmp_
 @pytest.mark.parametrize("target, commands", [
     *[pytest.param(t, slice(0, 2), marks=needs[t], id=f"{t}-infer") for t in EDGE],
     pytest.param("tflite", slice(2, 3), marks=[needs["tflite"], pytest.mark.slow], id="tflite-export"),
+    pytest.param("openvino", slice(3, 4), marks=needs["openvino"], id="openvino-bench"),
 ])
 def test_a_runtime_installed_but_broken_is_one_line_naming_its_extra(pipe, tmp_path, target, commands):
     """A package that is there but does not import (a wheel whose shared library is missing)."""
@@ -245,6 +246,8 @@ def test_a_runtime_installed_but_broken_is_one_line_naming_its_extra(pipe, tmp_p
     for (rc, err), cmd in zip(_child(p, cmds, [shadow], {}), cmds, strict=True):
         _one_line_naming(rc, err, " ".join(cmd[:1] + cmd[3:]), extra)
         assert "libruntime.so" in err and f"runtime {runtime}" in err, err
+        if cmd[0] == "bench":  # the worker's import failed: a config error as infer's, not a model error
+            assert err.startswith("config error: runtime"), err
 
 
 def test_a_hostile_card_target_is_refused(pipe, tmp_path):
@@ -261,7 +264,61 @@ def test_a_hostile_card_target_is_refused(pipe, tmp_path):
         (export / "card.json").write_text(json.dumps(card))
         r = cli("infer", "-c", str(p.config), "--runtime", "litert", "--json", _pngs(p)[0], cwd=p.dir)
         assert r.returncode == 2 and r.stdout == "", (name, r.returncode, r.stdout, r.stderr)
-        assert "not a plain file name" in r.stderr or "does not verify" in r.stderr, r.stderr
+        assert "not a plain file name" in r.stderr or "card.json does not match its manifest" in r.stderr, r.stderr
+
+
+@needs["openvino"]
+def test_a_random_bytes_openvino_model_is_one_model_error_line(pipe, tmp_path):
+    """OpenVINO's frontends echo the file's bytes to the probe child's stderr: bytes that are not UTF-8 were an
+    unexpected UnicodeDecodeError (exit 1); OpenVINO's message is given without its "Exception from" lines."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for f in ("card.json", "model.bin"):
+        (bundle / f).write_bytes((pipe.run_dir / "export" / f).read_bytes())
+    (bundle / "model.xml").write_bytes(np.random.default_rng(1).bytes(5000))
+    r = edgecli("infer", "-c", str(pipe.config), "--set", f"infer.input={bundle / 'model.xml'}", _pngs(pipe)[0],
+                cwd=pipe.dir)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("model error:"), r.stderr
+    assert "Unable to read the model" in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("target", edge_params)
+def test_infer_stderr_holds_edgecli_lines_only_unless_verbose(pipe, target):
+    """(A real child process: the chatter is written to fd 2, past Python's sys.stderr.) The runtimes' own chatter (ExecuTorch's cpuinfo/threadpool lines, torchao's failed .so loads, LiteRT's
+    "INFO: Created TensorFlow Lite XNNPACK delegate") stays off stderr; -v shows library logs."""
+    runtime = TARGETS[target][0]
+    r = edgecli("infer", "-c", str(pipe.config), "--runtime", runtime, _pngs(pipe)[0], cwd=pipe.dir)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("infer: ") for ln in lines), r.stderr
+    if target == "tflite":
+        r = edgecli("infer", "-c", str(pipe.config), "--runtime", runtime, "-v", _pngs(pipe)[0], cwd=pipe.dir)
+        assert r.returncode == 0 and "XNNPACK delegate" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("target", edge_params)
+def test_bench_and_infer_refuse_a_target_file_or_card_changed_after_export(pipe, tmp_path, target):
+    """A swapped target file would be measured (or answered) as the export's: bench and infer --runtime check
+    the card and each file it names against the export manifest first (exit 2, one line, no bench stage)."""
+    p = copy_of(pipe, tmp_path / "pipe")
+    export = p.run_dir / "export"
+    fname = TARGETS[target][1]
+    original = (export / fname).read_bytes()
+    (export / fname).write_bytes(original[: len(original) // 2])
+    args = ("bench", "-c", str(p.config), "-q", "--set", "bench.torch_baseline=false", "--set", "bench.models=[export]")
+    r = cli(*args, cwd=p.dir)
+    assert r.returncode == 2 and f"{fname} does not match its manifest" in r.stderr, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and not (p.run_dir / "bench").exists()
+    r = cli("infer", "-c", str(p.config), "--runtime", TARGETS[target][0], "--json", _pngs(p)[0], cwd=p.dir)
+    assert r.returncode == 2 and r.stdout == "" and f"{fname} does not match its manifest" in r.stderr, r.stderr
+    (export / fname).write_bytes(original)
+    card = json.loads((export / "card.json").read_text())
+    next(t for t in card["targets"] if t["target"] == target)["file"] = "../victim" + Path(fname).suffix
+    (export / "card.json").write_text(json.dumps(card))
+    r = cli(*args, cwd=p.dir)
+    assert r.returncode == 2 and "card.json does not match its manifest" in r.stderr, (r.returncode, r.stderr)
+    assert not (p.run_dir / "bench").exists()
 
 
 @pytest.mark.slow

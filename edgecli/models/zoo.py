@@ -185,7 +185,11 @@ class DPCNN(nn.Module):
         super().__init__()
         c, h, w = _image_shape(input_shape, "dpcnn")
         layers: list[nn.Module] = []
+        if int(groups) < 1:
+            raise ValueError(f"dpcnn: groups must be a positive number of GroupNorm groups, got {groups}")
         for cout in (int(v) for v in channels):
+            if cout < 1:
+                raise ValueError(f"dpcnn: channels must be positive, got {cout}")
             if cout % int(groups):
                 raise ValueError(f"dpcnn: groups={groups} does not divide {cout} channels")
             pool = min(h, w) >= 2

@@ -211,6 +211,37 @@ def rows_of(arrays: list[np.ndarray], inputs: list[TensorSpec]):
         yield [np.ascontiguousarray(c) for c in chunk]
 
 
+class quiet_native_stderr:
+    """Hold back what a runtime's C++ and import-time code write to stderr (fd 2) while it loads a model:
+    ExecuTorch's cpuinfo and threadpool lines, torchao's "Failed to load ..._C_mxfp8...so", LiteRT's
+    "INFO: Created TensorFlow Lite XNNPACK delegate". ``-v`` (EDGECLI_VERBOSE) shows them. Errors are not
+    lost: the runtimes raise, and edgecli reports the exception as its one line."""
+
+    def __enter__(self):
+        import os
+        import sys
+
+        self._saved = None
+        if os.environ.get("EDGECLI_VERBOSE"):
+            return self
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        import sys
+
+        if self._saved is not None:
+            sys.stderr.flush()
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+        return False
+
+
 class stdout_to_stderr:
     """Send what converters print (Python and C++ alike, at the file-descriptor level) to stderr.
 

@@ -73,14 +73,17 @@ def _convert(module, example: tuple, out_path: Path, precision: str, calib: list
 
 def _open(path, threads: int, precision: str | None, etdump: bool = False) -> _EtSession:
     """``etdump``: the runtime's event tracer on (ETDump, read by edgecli.runtimes.profile)."""
-    from executorch.runtime import Runtime
+    from edgecli.runtimes import TensorSpec, quiet_native_stderr
 
-    from edgecli.runtimes import TensorSpec
-
-    _set_threads(threads)
     try:
-        program = Runtime.get().load_program(Path(path), enable_etdump=etdump)
-        method = program.load_method("forward")
+        with quiet_native_stderr():
+            from executorch.runtime import Runtime
+
+            _set_threads(threads)
+            program = Runtime.get().load_program(Path(path), enable_etdump=etdump)
+            method = program.load_method("forward")
+    except ImportError:
+        raise
     except Exception as e:  # noqa: BLE001 - the runtime raises RuntimeError with its status code
         raise ModelFileError(f"{path}: ExecuTorch cannot load this program "
                              f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]})") from None

@@ -40,8 +40,10 @@ def fit_problem(x: np.ndarray, spec: InputSpec) -> str | None:
 def load_input_file(path: Path, inputs: list[InputSpec], key: str) -> dict[str, np.ndarray]:
     """Model inputs from an .npy (single-input models) or .npz (one array per input name) file."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{key}: {path} does not exist")
+    if not path.is_file():  # a FIFO would block, /dev/zero never end
+        raise DataError(f"{key}: {path} is not a regular file (a directory, FIFO or device); refused")
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as z:

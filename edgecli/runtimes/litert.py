@@ -80,9 +80,12 @@ def _convert(module, example: tuple, out_path: Path, precision: str, calib: list
 def _open(path, threads: int, precision: str | None) -> _LiteRtSession:
     from ai_edge_litert.interpreter import Interpreter
 
+    from edgecli.runtimes import quiet_native_stderr
+
     try:
-        interp = Interpreter(model_path=str(path), num_threads=int(threads))
-        interp.allocate_tensors()
+        with quiet_native_stderr():
+            interp = Interpreter(model_path=str(path), num_threads=int(threads))
+            interp.allocate_tensors()
     except Exception as e:  # noqa: BLE001 - the interpreter raises ValueError/RuntimeError with its text
         raise ModelFileError(f"{path}: LiteRT cannot load this model "
                              f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]})") from None

@@ -161,7 +161,10 @@ class _OpenVinoBackend:
 
 
 def _line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    """OpenVINO's message without its "Exception from src/...cpp:84:" location lines, which say nothing."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    said = [ln for ln in lines if not (ln.startswith("Exception from ") and ln.endswith(":"))]
+    return (said or lines or [type(e).__name__])[0][:300]
 
 
 BACKEND = _OpenVinoBackend()

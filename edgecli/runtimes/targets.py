@@ -395,7 +395,7 @@ def probe_target(path: Path, backend: str, *, timeout_s: float = 120.0) -> None:
                                                        os.environ.get("PYTHONPATH")]))}
     try:
         proc = subprocess.run([sys.executable, "-c", PROBE_PRELUDE + _TARGET_PROBE, str(path), backend],
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
+                              capture_output=True, text=True, errors="replace", timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         raise ModelFileError(f"{path}: {backend} did not load and run this model within {timeout_s:g} s; refused") from None
     last = ([ln for ln in proc.stdout.splitlines() if ln.startswith("{")] or ["{}"])[-1]
@@ -443,6 +443,7 @@ def bench_entries(export_dir: Path, wanted: list[str] | None) -> tuple[list[dict
             notes.append(f"export {t['target']}:{t['precision']} not benched: {why}")
             continue
         out.append({"label": f"export {t['target']}:{t['precision']}", "path": export_dir / t["file"],
+                    "files": sorted({t["file"], *(t.get("files") or {})}),
                     "runtime": t["runtime"], "precision": t["precision"], "bytes": t["bytes"],
                     "input_names": [i["name"] for i in card.get("inputs") or []],
                     "embedder": "min_cosine" in (t.get("parity") or {})})

@@ -71,6 +71,7 @@ class WorkerResult(BaseModel):
     ok: bool
     error: str | None = None
     user_error: bool = False  # an EdgeError (the model file's fault), not a crash
+    config_error: bool = False  # a ConfigError (a runtime installed but not importing): the parent says so, exit 2
     traceback: str | None = None
     providers_used: list[str] = []
     input: dict | None = None
@@ -107,7 +108,7 @@ def run_worker(spec: WorkerSpec, sp: Path, op: Path, what: str, *, omp_threads: 
     pkg_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, "-m", "edgecli.benchworker", str(sp), str(op)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, errors="replace", env=env)
     if not op.is_file():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
         raise CheckFailed(f"{what} died (exit code {proc.returncode}): {last}")

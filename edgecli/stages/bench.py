@@ -78,7 +78,11 @@ def select_targets(cfg: PipelineConfig, store: ArtifactStore) -> tuple[list[Targ
     if any(t.stage == "export" for t in targets):  # one row per LiteRT / ExecuTorch / OpenVINO target too
         from edgecli.runtimes.targets import bench_entries
 
+        store.require("export", "card.json")  # the card names the files: it and each of them as published
         entries, rnotes = bench_entries(store.stage_dir("export"), cfg.bench.runtimes)
+        for e in entries:
+            for fname in e["files"]:
+                store.require("export", fname)
         notes += rnotes
         info = next(t.info for t in targets if t.stage == "export")
         targets += [Target(e["label"], "runtime", e["path"], "export", info, e["bytes"], e) for e in entries]

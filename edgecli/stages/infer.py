@@ -162,7 +162,12 @@ def _open(cfg: PipelineConfig, store: ArtifactStore) -> Model:
     if cfg.infer.runtime and cfg.infer.runtime != "onnxruntime" and path.name == "model.onnx" and cfg.infer.input == "export":
         from edgecli.runtimes.targets import card_for, target_file
 
-        path = target_file(card_for(path), path.parent, cfg.infer.runtime)
+        card = card_for(path)
+        store.require("export", "card.json")  # the card and the files it names, each as export published them
+        path = target_file(card, path.parent, cfg.infer.runtime)
+        rec = next(t for t in card["targets"] if t.get("file") == path.name)
+        for fname in sorted({path.name, *(rec.get("files") or {})}):
+            store.require("export", fname)
     model = Model(path, cfg.infer.threads, cfg.infer.providers, cfg.infer.runtime)
     if not model.inputs:
         raise ModelFileError(f"{path}: the model has no inputs")
