@@ -176,16 +176,12 @@ def _runtime(target: str) -> str:
 def _ort_precision(path: Path) -> str:
     """"int8" for an integer-quantized model (QDQ, integer ops, weight-only INT8/INT4), "fp16" for FP16
     weights, else "fp32"."""
-    from onnx import TensorProto
-
-    from edgecli.onnxio import load_onnx
+    from edgecli.onnxio import QUANT_OPS, is_quantized, load_onnx
 
     m = load_onnx(path, load_external=False)
-    ops = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
-           "DynamicQuantizeLinear", "MatMulNBits", "DynamicQuantizeMatMul", "QAttention", "QGemm"}
-    if any(n.op_type in ops for n in m.graph.node):
+    if any(n.op_type in QUANT_OPS for n in m.graph.node):
         return "int8"
-    return "fp16" if any(t.data_type == TensorProto.FLOAT16 for t in m.graph.initializer) else "fp32"
+    return "fp16" if is_quantized(m) else "fp32"  # no quantized op: reduced precision means FP16 weights
 
 
 def publish(cfg, store, w, work: Path, stage: str | None, src_path: Path, info: dict | None, quantized: bool,
