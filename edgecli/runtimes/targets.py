@@ -405,6 +405,11 @@ def probe_target(path: Path, backend: str, *, timeout_s: float = 120.0) -> None:
     child_verdict(path, proc.returncode, proc.stdout, runtime=backend)
 
 
+def target_files(rec: dict) -> list[str]:
+    """Every file of one card target (OpenVINO's .xml has its .bin), for checks against the manifest."""
+    return sorted({rec["file"], *(rec.get("files") or {})})
+
+
 def target_file(card: dict, export_dir: Path, runtime: str) -> Path:
     """The export bundle's file for ``runtime`` (the auto choice first), or a ConfigError listing what is there."""
     ts = [t for t in card.get("targets", []) if t.get("runtime") == runtime]
@@ -443,7 +448,7 @@ def bench_entries(export_dir: Path, wanted: list[str] | None) -> tuple[list[dict
             notes.append(f"export {t['target']}:{t['precision']} not benched: {why}")
             continue
         out.append({"label": f"export {t['target']}:{t['precision']}", "path": export_dir / t["file"],
-                    "files": sorted({t["file"], *(t.get("files") or {})}),
+                    "files": target_files(t),
                     "runtime": t["runtime"], "precision": t["precision"], "bytes": t["bytes"],
                     "input_names": [i["name"] for i in card.get("inputs") or []],
                     "embedder": "min_cosine" in (t.get("parity") or {})})

@@ -160,13 +160,13 @@ def _open(cfg: PipelineConfig, store: ArtifactStore) -> Model:
     """The model infer.input names, through infer.runtime; usage errors for what infer cannot rank."""
     path = resolve_model(cfg, store)
     if cfg.infer.runtime and cfg.infer.runtime != "onnxruntime" and path.name == "model.onnx" and cfg.infer.input == "export":
-        from edgecli.runtimes.targets import card_for, target_file
+        from edgecli.runtimes.targets import card_for, target_file, target_files
 
-        card = card_for(path)
         store.require("export", "card.json")  # the card and the files it names, each as export published them
+        card = card_for(path)
         path = target_file(card, path.parent, cfg.infer.runtime)
         rec = next(t for t in card["targets"] if t.get("file") == path.name)
-        for fname in sorted({path.name, *(rec.get("files") or {})}):
+        for fname in target_files(rec):
             store.require("export", fname)
     model = Model(path, cfg.infer.threads, cfg.infer.providers, cfg.infer.runtime)
     if not model.inputs:
