@@ -33,6 +33,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from edgecli.runtimes.feeds import load_worker_inputs as _load_inputs
+from edgecli.runtimes.feeds import trim_to_longest as _trim
 from edgecli.runtimes.ort import ORT_DTYPES
 
 # timed runs stop here even if min_time_s has not passed: results.json keeps every latency
@@ -86,27 +88,6 @@ def _time_loop(call, warmup: int, runs: int, min_time_s: float | None) -> list[i
         if len(lat) >= MAX_RUNS:
             break
     return lat
-
-
-def _load_inputs(spec):
-    """(x, y) from the parent's .npy files, memory-mapped so only the rows used are read."""
-    x = None
-    if spec.x and str(spec.x).endswith(".npz"):  # text: one array per model input
-        with np.load(spec.x, allow_pickle=False) as z:
-            x = {k: z[k] for k in z.files}
-    elif spec.x:
-        x = np.load(spec.x, mmap_mode="r")
-    y = np.load(spec.y) if spec.y else None
-    return x, y
-
-
-def _trim(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A text batch cut to its longest sentence (infer pads to the batch's longest, never further)."""
-    mask = feed.get("attention_mask")
-    if mask is None or mask.ndim != 2:
-        return feed
-    n = max(1, int(mask.sum(axis=1).max()))
-    return {k: np.ascontiguousarray(v[:, :n]) if v.ndim == 2 else v for k, v in feed.items()}
 
 
 def _dict_batch(x: dict, inputs, b: int) -> dict[str, np.ndarray]:

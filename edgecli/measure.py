@@ -203,13 +203,13 @@ def _profiles(cfg: PipelineConfig, jobs: list, tmp: Path, out_dir: Path, quiet: 
         try:
             res = launch_worker(pspec, tmp / f"pspec{idx}.json", tmp / f"pout{idx}.json",
                                 f"bench: the worker profiling {t.label}", omp_threads=threads)
-        except CheckFailed as e:
-            out.append({**rec, "unavailable": f"profiling failed: {e.message}"})
-            continue
-        if not res.ok or not res.profile:
+            why = None if res.ok and res.profile else res.error
+        except CheckFailed as e:  # the worker died (a crash, a signal): it may have written part of a file
+            why = e.message
+        if why is not None:
             for f in out_dir.glob(stem.name + ".*"):  # nothing half-written is published
                 f.unlink()
-            out.append({**rec, "unavailable": f"profiling failed: {res.error}"})
+            out.append({**rec, "unavailable": f"profiling failed: {why}"})
             continue
         out.append({**rec, **{k: v for k, v in res.profile.items() if v is not None}})
     return out

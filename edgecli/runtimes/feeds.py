@@ -37,13 +37,19 @@ def fit_problem(x: np.ndarray, spec: InputSpec) -> str | None:
     return None
 
 
-def load_input_file(path: Path, inputs: list[InputSpec], key: str) -> dict[str, np.ndarray]:
-    """Model inputs from an .npy (single-input models) or .npz (one array per input name) file."""
+def input_path(path, key: str) -> Path:
+    """``path`` (``~`` expanded) when it is a regular file; else the DataError naming ``key``."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{key}: {path} does not exist")
     if not path.is_file():  # a FIFO would block, /dev/zero never end
         raise DataError(f"{key}: {path} is not a regular file (a directory, FIFO or device); refused")
+    return path
+
+
+def load_input_file(path: Path, inputs: list[InputSpec], key: str) -> dict[str, np.ndarray]:
+    """Model inputs from an .npy (single-input models) or .npz (one array per input name) file."""
+    path = input_path(path, key)
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as z:
@@ -118,3 +124,25 @@ def synthetic_input(shape, dtype, *, batch: int | None = None, rng: np.random.Ge
 def synthetic_feeds(specs, batch: int, rng: np.random.Generator | None, *, int_high: int = 0) -> dict[str, np.ndarray]:
     """``synthetic_input`` for every spec (anything with .name, .shape, .dtype), in order (one rng stream)."""
     return {s.name: synthetic_input(s.shape, s.dtype, batch=batch, rng=rng, int_high=int_high) for s in specs}
+
+
+def load_worker_inputs(spec):
+    """A bench worker's (x, y) from the parent's .npy/.npz files (``spec``: a WorkerSpec), memory-mapped
+    so that only the rows used are read."""
+    x = None
+    if spec.x and str(spec.x).endswith(".npz"):  # text: one array per model input
+        with np.load(spec.x, allow_pickle=False) as z:
+            x = {k: z[k] for k in z.files}
+    elif spec.x:
+        x = np.load(spec.x, mmap_mode="r")
+    y = np.load(spec.y) if spec.y else None
+    return x, y
+
+
+def trim_to_longest(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A text batch cut to its longest sentence (infer pads to the batch's longest, never further)."""
+    mask = feed.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return feed
+    n = max(1, int(mask.sum(axis=1).max()))
+    return {k: np.ascontiguousarray(v[:, :n]) if v.ndim == 2 else v for k, v in feed.items()}

@@ -61,22 +61,20 @@ def run(spec) -> dict:
     """The WorkerResult fields of one profile run (``spec``: a WorkerSpec read as attributes)."""
     runtime = spec.backend if spec.kind == "runtime" else "onnxruntime"
     stem = Path(spec.profile)
-    fn = {"onnxruntime": _onnxruntime, "executorch": _executorch, "openvino": _openvino}.get(runtime)
-    why = unavailable(runtime)
-    if fn is None or why:
-        return {"profile": {"runtime": runtime, "unavailable": why}, "providers_used": [runtime]}
+    # the parent launches a profile worker only for these (measure._profiles asks unavailable() first)
+    fn = {"onnxruntime": _onnxruntime, "executorch": _executorch, "openvino": _openvino}[runtime]
     prof, used = fn(spec, stem)
     prof.setdefault("runtime", runtime)
     prof.update(batch=min(spec.batch_sizes), threads=int(spec.threads))
     return {"profile": prof, "providers_used": used}
 
 
-def summary(ops: dict[str, list[float]], path: Path | None, runs: int, group: str) -> dict:
+def summary(ops: dict[str, list[float]], path: Path, runs: int, group: str) -> dict:
     """``ops``: op -> [total ms, calls] over the profiled runs; shares of the summed operator time.
     ``file``: the profile file's name, in the bench stage's directory (it is written before publishing)."""
     total = sum(v[0] for v in ops.values())
     rows = sorted(ops.items(), key=lambda kv: -kv[1][0])
-    return {"file": path.name if path else None, "runs": runs, "group": group, "op_ms": total,
+    return {"file": path.name, "runs": runs, "group": group, "op_ms": total,
             "op_ms_per_run": total / runs if runs else None,
             "ops": [{"op": k, "total_ms": v[0], "calls": int(v[1]), "share": v[0] / total if total > 0 else 0.0}
                     for k, v in rows]}
@@ -91,37 +89,19 @@ def _rows(x, b: int):
     return np.ascontiguousarray(np.resize(np.asarray(x[:b]), (b, *x.shape[1:])))
 
 
-def _load_x(spec):
-    if not spec.x:
-        return None
-    if str(spec.x).endswith(".npz"):
-        with np.load(spec.x, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    return np.load(spec.x, mmap_mode="r")
-
-
-def _trim(feed: dict) -> dict:
-    """A text batch cut to its longest sentence, as the timed runs are."""
-    mask = feed.get("attention_mask")
-    if mask is None or mask.ndim != 2:
-        return feed
-    n = max(1, int(mask.sum(axis=1).max()))
-    return {k: np.ascontiguousarray(v[:, :n]) if v.ndim == 2 else v for k, v in feed.items()}
-
-
 def _feed(spec, inputs: list[tuple[str, tuple, np.dtype]], names: list[str] | None = None) -> dict:
     """The feed at the smallest benched batch: test rows where they fit the inputs, else synthetic ones.
 
     ``inputs``: (name, shape, dtype) of the file; ``names``: the card's input names to key the rows by."""
-    from edgecli.runtimes.feeds import synthetic_input
+    from edgecli.runtimes.feeds import load_worker_inputs, synthetic_input, trim_to_longest
 
     b = min(spec.batch_sizes)
     fixed = inputs[0][1][0] if inputs and inputs[0][1] and isinstance(inputs[0][1][0], int) else None
     b = fixed if fixed and fixed > 0 and spec.kind == "onnx" else b
     keys = names or [n for n, _, _ in inputs]
-    x = _rows(_load_x(spec), b)
+    x = _rows(load_worker_inputs(spec)[0], b)
     if isinstance(x, dict) and all(k in x for k in keys[: len(inputs)]):
-        return _trim({k: np.asarray(x[k], dtype=dt) for k, (_, _, dt) in zip(keys, inputs, strict=False)})
+        return trim_to_longest({k: np.asarray(x[k], dtype=dt) for k, (_, _, dt) in zip(keys, inputs, strict=False)})
     if isinstance(x, np.ndarray) and len(inputs) == 1 and x.ndim == len(inputs[0][1]) and all(
             not isinstance(w, int) or w == g for w, g in zip(inputs[0][1][1:], x.shape[1:], strict=True)):
         return {keys[0]: np.asarray(x, dtype=inputs[0][2])}
@@ -275,7 +255,7 @@ def tables(profiles: list[dict], top: int = TOP) -> tuple[list[tuple[str, list[s
     if done:
         lines.append(f"profiles from the runtimes' own profilers (batch {done[0]['batch']}, {done[0]['threads']} "
                      f"thread(s); each kernel call timed in whole microseconds, so one under 1 us reads 0): "
-                     f"{', '.join(Path(p['file']).name for p in done)}")
+                     f"{', '.join(p['file'] for p in done)}")
     return out, lines
 
 
