@@ -8,6 +8,7 @@ infer and serve all open models through :func:`get` / :func:`open_session`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,56 +212,42 @@ def rows_of(arrays: list[np.ndarray], inputs: list[TensorSpec]):
         yield [np.ascontiguousarray(c) for c in chunk]
 
 
-class quiet_native_stderr:
+@contextlib.contextmanager
+def _fd_redirect(fd: int, target: int | None):
+    """Point file descriptor ``fd`` at ``target`` (another fd; None: /dev/null) for the block, at the
+    file-descriptor level, so that C++ code writing to it is redirected too; restored on the way out."""
+    import os
+    import sys
+
+    stream = sys.stdout if fd == 1 else sys.stderr
+    stream.flush()
+    saved = os.dup(fd)
+    if target is None:
+        target = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(target, fd)
+        os.close(target)
+    else:
+        os.dup2(target, fd)
+    try:
+        yield
+    finally:
+        stream.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def quiet_native_stderr():
     """Hold back what a runtime's C++ and import-time code write to stderr (fd 2) while it loads a model:
     ExecuTorch's cpuinfo and threadpool lines, torchao's "Failed to load ..._C_mxfp8...so", LiteRT's
     "INFO: Created TensorFlow Lite XNNPACK delegate". ``-v`` (EDGECLI_VERBOSE) shows them. Errors are not
     lost: the runtimes raise, and edgecli reports the exception as its one line."""
+    import os
 
-    def __enter__(self):
-        import os
-        import sys
-
-        self._saved = None
-        if os.environ.get("EDGECLI_VERBOSE"):
-            return self
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        return self
-
-    def __exit__(self, *exc):
-        import os
-        import sys
-
-        if self._saved is not None:
-            sys.stderr.flush()
-            os.dup2(self._saved, 2)
-            os.close(self._saved)
-        return False
+    return contextlib.nullcontext() if os.environ.get("EDGECLI_VERBOSE") else _fd_redirect(2, None)
 
 
-class stdout_to_stderr:
+def stdout_to_stderr():
     """Send what converters print (Python and C++ alike, at the file-descriptor level) to stderr.
 
     litert-torch prints its progress lines to stdout; stdout is for results (``--json``)."""
-
-    def __enter__(self):
-        import os
-        import sys
-
-        sys.stdout.flush()
-        self._saved = os.dup(1)
-        os.dup2(2, 1)
-        return self
-
-    def __exit__(self, *exc):
-        import os
-        import sys
-
-        sys.stdout.flush()
-        os.dup2(self._saved, 1)
-        os.close(self._saved)
-        return False
+    return _fd_redirect(1, 2)
