@@ -89,19 +89,12 @@ def check_model(cfg: PipelineConfig) -> list[str]:
 
 def check_calibration_files(cfg: PipelineConfig) -> None:
     """Each quantize step's ``calibration.data``: a regular file that is there (compress would refuse it later)."""
-    from pathlib import Path
-
-    from edgecli.errors import DataError
+    from edgecli.runtimes.feeds import input_path
 
     for i, st in enumerate(cfg.compress.steps):
         c = st.quantize.calibration.data if st.kind == "quantize" else None
-        if not c:
-            continue
-        p, key = Path(c).expanduser(), f"compress.steps.{i}.quantize.calibration.data"
-        if not p.exists():
-            raise DataError(f"{key}: {p} does not exist")
-        if not p.is_file():
-            raise DataError(f"{key}: {p} is not a regular file (a directory, FIFO or device); refused")
+        if c:
+            input_path(c, f"compress.steps.{i}.quantize.calibration.data")
 
 
 def _forward(cfg: PipelineConfig, splits) -> list[str]:
