@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import edgecli, tiny_config, write_config
+from tests.conftest import cli, edgecli, tiny_config, write_config
 
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
 
@@ -93,7 +93,7 @@ def test_bad_device_name_is_a_config_error(tmp_path):
 @no_cuda
 def test_cli_asking_for_cuda_without_one_exits_2_with_one_line(tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config("nocuda", tmp_path / "art"))
-    r = edgecli("train", "-c", str(path), "--set", "train.device=cuda", cwd=tmp_path)
+    r = cli("train", "-c", str(path), "--set", "train.device=cuda", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines == ["config error: train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)"]
@@ -104,7 +104,7 @@ def test_cli_amp_on_cpu_says_it_trained_in_float32(tmp_path):
     if _cuda_count():
         pytest.skip("auto picks the GPU here; the GPU tests cover amp")
     path = write_config(tmp_path / "c.yaml", tiny_config("ampcpu", tmp_path / "art", train={"epochs": 1, "amp": "bf16"}))
-    r = edgecli("train", "-c", str(path), "--json", "-q", cwd=tmp_path)
+    r = cli("train", "-c", str(path), "--json", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert "train.amp=bf16 applies on CUDA only; trained in float32 on cpu" in res["messages"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import edgecli, tiny_config, write_config
+from tests.conftest import cli, tiny_config, write_config
 from tests.test_hardening_config import assert_user_error, snapshot
 
 
@@ -46,7 +46,7 @@ def _train_refused(tmp_path: Path, init_from: str, needle: str, canary: Path):
     cfg = tiny_config("ck", tmp_path / "art", train={"epochs": 1, "init_from": init_from})
     path = write_config(tmp_path / "c.yaml", cfg)
     before = snapshot(tmp_path)
-    r = edgecli("train", "-c", str(path), cwd=tmp_path)
+    r = cli("train", "-c", str(path), cwd=tmp_path)
     assert_user_error(r, 2, "model error", needle)
     assert not canary.exists(), "a pickle payload ran"
     # only the run lock may appear; no stage, no temp dir, no checkpoint
@@ -153,7 +153,7 @@ def test_resume_from_a_planted_pickle_checkpoint_is_refused(tmp_path):
     ckpt.parent.mkdir(parents=True)
     _evil_torch_zip(ckpt, canary)
     before = snapshot(tmp_path)
-    r = edgecli("train", "-c", str(path), "--resume", cwd=tmp_path)
+    r = cli("train", "-c", str(path), "--resume", cwd=tmp_path)
     assert_user_error(r, 2, "model error", "checkpoint unreadable", "rerun without --resume")
     assert not canary.exists()
     assert _changed(before, snapshot(tmp_path)) <= {"art/ck/.lock"}
@@ -167,7 +167,7 @@ def test_distill_teacher_pickle_is_refused(tmp_path, trained_cnn, copy_pipeline)
     cfg = dict(p.cfg, compress={"steps": [{"distill": {"teacher": str(evil), "epochs": 1}}]})
     write_config(p.config, cfg)
     before = snapshot(p.dir)
-    r = edgecli("compress", "-c", str(p.config), cwd=p.dir)
+    r = cli("compress", "-c", str(p.config), cwd=p.dir)
     assert_user_error(r, 2, "model error", "refused")
     assert not canary.exists()
     assert _changed(before, snapshot(p.dir)) <= {"artifacts/tiny/.lock"}

@@ -16,7 +16,7 @@ from PIL import Image
 from edgecli.config import PipelineConfig
 from edgecli.data import load_splits
 from edgecli.errors import DataError
-from tests.conftest import edgecli, tiny_config, write_config
+from tests.conftest import cli, tiny_config, write_config
 from tests.test_hardening_config import assert_user_error, snapshot
 
 
@@ -60,7 +60,7 @@ def test_bad_data_through_the_cli_is_one_line_and_publishes_nothing(tmp_path, ca
         data, needle = {"dataset": "csv", "path": str(_csv(tmp_path / "t.csv", "inf,1,a\n"))}, "t.csv:22: NaN or Inf"
     cfg = write_config(tmp_path / "c.yaml", tiny_config("d", tmp_path / "art", data=data, model={"arch": "mlp"}))
     before = snapshot(tmp_path)
-    r = edgecli("train", "-c", str(cfg), "--json", cwd=tmp_path)
+    r = cli("train", "-c", str(cfg), "--json", cwd=tmp_path)
     assert_user_error(r, 2, "data error", needle)
     assert r.stdout == ""
     changed = {k for k in before.keys() | snapshot(tmp_path).keys() if before.get(k) != snapshot(tmp_path).get(k)}
@@ -286,5 +286,5 @@ def test_validate_checks_calibration_data_as_compress_will(tmp_path):
     for path, says in ((tmp_path / "gone.npy", "does not exist"), (tmp_path / "calib.npy", "not a regular file")):
         cfg = tiny_config("calib", tmp_path / "artifacts")
         cfg["compress"] = {"steps": [{"quantize": {"mode": "static", "calibration": {"data": str(path)}}}]}
-        r = edgecli("validate", "-c", str(write_config(tmp_path / "calib.yaml", cfg)), cwd=tmp_path)
+        r = cli("validate", "-c", str(write_config(tmp_path / "calib.yaml", cfg)), cwd=tmp_path)
         assert_user_error(r, 2, "data error", "compress.steps.0.quantize.calibration.data", says)

@@ -9,12 +9,11 @@ falls in a later epoch and a checkpoint of the epochs before exists.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
 
-from tests.conftest import REPO, edgecli, tiny_config, write_config
+from tests.conftest import cli, tiny_config, write_config
 from tests.test_hardening_config import assert_user_error, snapshot
 
 
@@ -37,15 +36,11 @@ class PoisonAfter(nn.Module):
         return out
 
 
-def _env():
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-
-
 def test_huge_learning_rate_stops_in_epoch_one_and_publishes_nothing(tmp_path):
     cfg = tiny_config("nan", tmp_path / "art", train={"epochs": 3, "batch_size": 64, "lr": 1e30})
     path = write_config(tmp_path / "c.yaml", cfg)
     before = snapshot(tmp_path)
-    r = edgecli("train", "-c", str(path), "--json", cwd=tmp_path)
+    r = cli("train", "-c", str(path), "--json", cwd=tmp_path)
     (line,) = assert_user_error(r, 1, "training diverged", "loss became nan at epoch 1, step ",
                                 "no epoch completed, so no checkpoint was kept")
     assert r.stdout == ""
@@ -60,7 +55,7 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path):
                                                        "args": {"after_steps": 40}},
                       train={"epochs": 5, "batch_size": 64, "lr": 0.01, "scheduler": "none"})
     path = write_config(tmp_path / "c.yaml", cfg)
-    r = edgecli("train", "-c", str(path), cwd=tmp_path, env=_env())
+    r = cli("train", "-c", str(path), cwd=tmp_path)
     ckpt_dir = tmp_path / "art/nan/.checkpoints/train"
     assert_user_error(r, 1, "training diverged",
                       f"loss became nan at epoch 3, step 7; the last good checkpoint (epoch 2) is kept in {ckpt_dir}")

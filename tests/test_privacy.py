@@ -14,7 +14,7 @@ import pytest
 from edgecli.artifacts import ArtifactStore
 from edgecli.config import load_config
 from edgecli.errors import ConfigError
-from tests.conftest import edgecli, tiny_config, write_config
+from tests.conftest import cli, tiny_config, write_config
 
 pytest.importorskip("opacus")
 pytest.importorskip("flwr")
@@ -107,7 +107,7 @@ def test_batchnorm_without_fix_is_a_one_line_config_error(tmp_path):
     cfg = tiny_config("bn", tmp_path / "artifacts", model=MODEL)
     cfg["train"] = {"epochs": 1, "privacy": {"target_epsilon": 8.0}}
     path = write_config(tmp_path / "bn.yaml", cfg)
-    r = edgecli("train", "-c", str(path), "-q", cwd=tmp_path)
+    r = cli("train", "-c", str(path), "-q", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
@@ -115,10 +115,10 @@ def test_batchnorm_without_fix_is_a_one_line_config_error(tmp_path):
     assert "BatchNorm" in lines[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "artifacts" / "bn" / "train").exists()
     # validate says so too, before anyone runs train (it said "ok")
-    r = edgecli("validate", "-c", str(path), cwd=tmp_path)
+    r = cli("validate", "-c", str(path), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == lines, (r.returncode, r.stdout, r.stderr)
     cfg["train"]["privacy"]["fix_batchnorm"] = True
-    r = edgecli("validate", "-c", str(write_config(tmp_path / "bn.yaml", cfg)), cwd=tmp_path)
+    r = cli("validate", "-c", str(write_config(tmp_path / "bn.yaml", cfg)), cwd=tmp_path)
     assert r.returncode == 0 and "replaced 3 BatchNorm layers by GroupNorm" in r.stdout, r.stdout + r.stderr
 
 
@@ -131,7 +131,7 @@ def test_dpcnn_args_it_cannot_build_are_one_config_error_line(tmp_path, args, sa
     cfg = tiny_config("dpargs", tmp_path / "artifacts", model={"arch": "dpcnn", "args": args})
     path = write_config(tmp_path / "dpargs.yaml", cfg)
     for cmd in (["validate"], ["train", "-q"]):
-        r = edgecli(*cmd, "-c", str(path), cwd=tmp_path)
+        r = cli(*cmd, "-c", str(path), cwd=tmp_path)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("config error: model:"), (cmd, r.stderr)
         assert says in lines[0], lines[0]

@@ -11,7 +11,7 @@ import pytest
 from edgecli.compression import TorchContext
 from edgecli.config import DistillConfig, PipelineConfig, PruneConfig, SparsityConfig
 from edgecli.errors import ConfigError
-from tests.conftest import edgecli, write_config
+from tests.conftest import cli, edgecli, write_config
 
 
 def _ctx_from_pipeline(p, **compress) -> TorchContext:
@@ -219,7 +219,7 @@ def test_compress_cli_prune_publishes_pruned_weights_and_onnx(trained_cnn, copy_
                          # this tiny CNN's pruned model is confirmed faster depends on the machine's noise
                          "max_accuracy_drop": 0.05, "objective": "size"}
     write_config(p.config, p.cfg)
-    r = edgecli("compress", "-c", str(p.config), "-q", cwd=p.dir)
+    r = cli("compress", "-c", str(p.config), "-q", cwd=p.dir)
     assert r.returncode == 0, r.stderr
     out = p.run_dir / "compress"
     report = json.loads((out / "report.json").read_text())

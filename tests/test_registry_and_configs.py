@@ -9,7 +9,7 @@ import pytest
 from edgecli.config import load_config
 from edgecli.errors import ConfigError
 from edgecli.validate import check_names
-from tests.conftest import REPO, edgecli
+from tests.conftest import REPO, cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -43,7 +43,7 @@ def test_help_does_not_import_torch_or_onnxruntime():
 
 
 def test_validate_command(tmp_path):
-    r = edgecli("validate", "-c", str(REPO / "configs/digits-cnn.yaml"))
+    r = cli("validate", "-c", str(REPO / "configs/digits-cnn.yaml"))
     assert r.returncode == 0 and "ok" in r.stdout
-    r = edgecli("validate", "-c", str(REPO / "configs/digits-cnn.yaml"), "--set", "data.dataset=digit")
+    r = cli("validate", "-c", str(REPO / "configs/digits-cnn.yaml"), "--set", "data.dataset=digit")
     assert r.returncode == 2 and "did you mean 'digits'" in r.stderr

