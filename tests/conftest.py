@@ -20,6 +20,13 @@ The tiers (pick the cheapest one that can see the behaviour under test):
    imports (``--help`` without torch, infer without torch/sklearn).
 4. **slow** (``-m slow``) and **gpu**: longer runs and CUDA-only checks, outside the default suite.
 
+The suite runs under pytest-xdist (``-n auto --dist loadfile``, set in pyproject.toml): one worker per
+core, each test file on one worker, so a module-scoped fixture runs once and the session ones once per
+worker. Each worker (and every process it starts) gets one OpenMP thread unless OMP_NUM_THREADS is set:
+with a worker per core, a second thread per worker only contends (a tiny DP-SGD step ran 20x slower with
+two threads on a busy 2-vCPU machine). ``-n 0`` runs the suite in this process, with the library's
+default threads.
+
 Fixtures that train (``trained_cnn`` here, the module-scoped ones in test files) train once into a
 ``tmp_path_factory`` directory; tests copy them (``copy_pipeline``) before changing anything.
 """
@@ -38,6 +45,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):  # set before torch is first imported in this worker
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 CLI_ENV = {"NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "200"}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from edgecli.artifacts import ArtifactStore
-from tests.conftest import REPO, edgecli, tiny_config, write_config
+from tests.conftest import REPO, cli, tiny_config, write_config
 
 CFG = str(REPO / "configs/digits-cnn.yaml")
 TRAIN_FILES = ["config.yaml", "manifest.json", "metrics.json", "model.onnx", "weights.safetensors"]
@@ -83,7 +83,7 @@ def test_torchrun_two_processes_matches_single_process(tmp_path):
     assert "per process per step" in " ".join(ddp["messages"])
 
     # same global batch (64 = 2 x 32) and seed in one process: the same model quality
-    single = edgecli("train", "-c", CFG, "--set", f"artifacts_dir={tmp_path / 'one'}", *sets, "--json", "-q")
+    single = cli("train", "-c", CFG, "--set", f"artifacts_dir={tmp_path / 'one'}", *sets, "--json", "-q")
     assert single.returncode == 0, single.stderr
     one = json.loads(single.stdout)
     assert ddp["metrics"]["test_accuracy"] >= 0.9, ddp["metrics"]
@@ -100,10 +100,11 @@ def test_torchrun_two_processes_matches_single_process(tmp_path):
 
 
 def test_killing_one_rank_ends_the_run_then_resume_finishes(tmp_path):
+    EPOCHS = 5  # killed after the first epoch's checkpoint: four more to resume
     art = tmp_path / "art"
     logs = tmp_path / "logs"
     timeout_s = 20
-    args = ["train", "-c", CFG, "--set", f"artifacts_dir={art}", "--set", "train.epochs=8",
+    args = ["train", "-c", CFG, "--set", f"artifacts_dir={art}", "--set", f"train.epochs={EPOCHS}",
             "--set", "train.batch_size=16", "--set", "train.early_stopping=null",
             "--set", f"train.dist_timeout_s={timeout_s}", "-q"]
     cmd, env = _torchrun(args, logs)
@@ -149,8 +150,8 @@ def test_killing_one_rank_ends_the_run_then_resume_finishes(tmp_path):
     res = json.loads(out0)
     man = json.loads((run / "train/manifest.json").read_text())
     assert man["resumed_from_epoch"] >= 1 and man["world_size"] == 2
-    assert [h["epoch"] for h in man["history"]] == list(range(1, 9))
-    assert res["metrics"]["epochs_run"] == 8 and res["metrics"]["test_accuracy"] >= 0.9
+    assert [h["epoch"] for h in man["history"]] == list(range(1, EPOCHS + 1))
+    assert res["metrics"]["epochs_run"] == EPOCHS and res["metrics"]["test_accuracy"] >= 0.9
     assert not ckpt.exists()
     assert not [p for p in run.iterdir() if ".tmp-" in p.name]
 

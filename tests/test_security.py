@@ -26,7 +26,7 @@ import pytest
 
 from edgecli.artifacts import ArtifactStore
 from edgecli.errors import ArtifactError, ConfigError, DataError, EdgeError, ModelFileError, UsageError
-from tests.conftest import REPO, edgecli, tiny_config, write_config
+from tests.conftest import REPO, cli, edgecli, tiny_config, write_config
 from tests.test_hardening_config import assert_user_error, snapshot
 
 # --------------------------------------------------------------------------- helpers
@@ -137,7 +137,7 @@ def hostile_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile")
     cfg = tiny_config("tiny", d / "artifacts", train={"epochs": 1, "batch_size": 64})
     path = write_config(d / "config.yaml", cfg)
-    r = edgecli("train", "-c", str(path), "-q", cwd=d)
+    r = cli("train", "-c", str(path), "-q", cwd=d)
     assert r.returncode == 0, r.stderr
     return Pipeline(d, path, cfg)
 
