@@ -21,8 +21,10 @@ The tiers (pick the cheapest one that can see the behaviour under test):
 4. **slow** (``-m slow``) and **gpu**: longer runs and CUDA-only checks, outside the default suite.
 
 The suite runs under pytest-xdist (``-n auto --dist loadfile``, set in pyproject.toml): one worker per
-core, each test file on one worker, so a module-scoped fixture runs once and the session ones once per
-worker. Each worker (and every process it starts) gets one OpenMP thread unless OMP_NUM_THREADS is set:
+core, each test file on one worker (the longest files first), so a module-scoped fixture runs once and
+the session ones once per worker. test_runtimes and test_profile
+share a group: both start from ``exported_edge``, whose converters (LiteRT, ExecuTorch, OpenVINO) take
+~10 s to import. Each worker (and every process it starts) gets one OpenMP thread unless OMP_NUM_THREADS is set:
 with a worker per core, a second thread per worker only contends (a tiny DP-SGD step ran 20x slower with
 two threads on a busy 2-vCPU machine). ``-n 0`` runs the suite in this process, with the library's
 default threads.
@@ -173,6 +175,59 @@ def trained_cnn(tmp_path_factory) -> Pipeline:
     cfg_path = write_config(d / "config.yaml", cfg)
     assert run_stage("train", cfg_path).status == "done"
     return Pipeline(d, cfg_path, cfg)
+
+
+EDGE_TARGETS = {"tflite": "litert", "pte": "executorch", "openvino": "openvino"}  # export target -> runtime
+
+
+def edge_installed(target: str) -> bool:
+    from edgecli import runtimes
+
+    return runtimes.get(EDGE_TARGETS[target]).unavailable() is None
+
+
+@pytest.fixture(scope="session")
+def exported_edge(trained_cnn, tmp_path_factory) -> Pipeline:
+    """``trained_cnn`` exported to onnx, ort and every edge target installed here, in this process.
+
+    Tests must not modify it; copy it (``copy_of``) first.
+    """
+    p = copy_of(trained_cnn, tmp_path_factory.mktemp("exported_edge") / "pipe")
+    p.cfg["export"] = {"targets": ["onnx", "ort", *[t for t in EDGE_TARGETS if edge_installed(t)]]}
+    write_config(p.config, p.cfg)
+    r = cli("export", "-c", str(p.config), "-q", cwd=p.dir)
+    assert r.returncode == 0, r.stderr
+    return p
+
+
+# test files that share a worker (and so its session fixtures); every other file is a unit of its own
+XDIST_GROUPS = {"test_profile.py": "tests/test_runtimes.py"}
+# the files that take longest, started first so that no worker is left with one of them at the end
+LONGEST_FIRST = ["test_hardening_faults.py", "test_runtimes.py", "test_profile.py", "test_distributed.py",
+                 "test_hardening_output.py", "test_privacy.py", "test_text.py", "test_serve.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files in LONGEST_FIRST order, then the rest as collected (a stable sort: every worker agrees)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile``, with the files of an XDIST_GROUPS entry sent to one worker as one unit.
+
+    (``--dist loadgroup`` would do this with marks, but it renames node ids, which pytest 9.2 ignores.)
+    """
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class GroupedFiles(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return XDIST_GROUPS.get(Path(scope).name, scope)
+
+    return GroupedFiles(config, log)
 
 
 def copy_of(p: Pipeline, dst: Path) -> Pipeline:

@@ -7,6 +7,7 @@ figures of the issue (DP at ε <= 8, 10 Dirichlet clients x 20 rounds) come from
 from __future__ import annotations
 
 import json
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from edgecli.config import load_config
 from edgecli.errors import ConfigError
 from tests.conftest import cli, tiny_config, write_config
 
-pytest.importorskip("opacus")
-pytest.importorskip("flwr")
+# find_spec, not importorskip: importing Opacus and Flower at collection cost every xdist worker ~5 s
+pytestmark = pytest.mark.skipif(not all(find_spec(m) for m in ("opacus", "flwr")),
+                                reason="needs the privacy extra (pip install -e '.[privacy]')")
 
 MODEL = {"arch": "cnn", "args": {"channels": [8, 16, 16]}}
 

@@ -14,30 +14,21 @@ import re
 
 import pytest
 
-from tests.conftest import Pipeline, cli, copy_of, write_config
+from tests.conftest import EDGE_TARGETS, Pipeline, cli, copy_of, edge_installed, write_config
 
 BATCH = 4
 CONVS = 3  # tiny_config's CNN: channels [16, 32, 32], one linear classifier
 
 
-def _installed(runtime: str) -> bool:
-    from edgecli import runtimes
-
-    return runtimes.get(runtime).unavailable() is None
-
-
-EDGE = {"tflite": "litert", "pte": "executorch", "openvino": "openvino"}
+EDGE = EDGE_TARGETS
 
 
 @pytest.fixture(scope="module")
-def profiled(trained_cnn, tmp_path_factory) -> tuple[Pipeline, str, dict]:
+def profiled(exported_edge, tmp_path_factory) -> tuple[Pipeline, str, dict]:
     """(the pipeline, the output of `edgecli bench --profile`: tables on stdout then notes on stderr, results.json)."""
-    p = copy_of(trained_cnn, tmp_path_factory.mktemp("profile") / "pipe")
-    p.cfg["export"] = {"targets": ["onnx", "ort", *[t for t, rt in EDGE.items() if _installed(rt)]]}
+    p = copy_of(exported_edge, tmp_path_factory.mktemp("profile") / "pipe")
     p.cfg["bench"] = {**p.cfg["bench"], "batch_sizes": [BATCH], "models": ["export"], "torch_baseline": False}
     write_config(p.config, p.cfg)
-    r = cli("export", "-c", str(p.config), "-q", cwd=p.dir)
-    assert r.returncode == 0, r.stderr
     r = cli("bench", "-c", str(p.config), "--profile", cwd=p.dir)
     assert r.returncode == 0, r.stderr
     return p, r.stdout + "\n" + r.stderr, json.loads((p.run_dir / "bench" / "results.json").read_text())
@@ -66,7 +57,7 @@ def _profile(results: dict, model: str) -> dict:
 
 def test_every_model_benched_gets_a_profile_record(profiled):
     _, _, res = profiled
-    want = {"export"} | {f"export {t}:fp32" for t, rt in EDGE.items() if _installed(rt)}
+    want = {"export"} | {f"export {t}:fp32" for t in EDGE if edge_installed(t)}
     assert {p["model"] for p in res["profiles"]} == want
     # the timed rows are measured as without --profile: the profile runs are workers of their own
     assert {r["model"] for r in res["rows"]} == want and all(r["runs"] >= 30 for r in res["rows"])
@@ -89,7 +80,7 @@ def test_onnxruntime_profile_is_a_chrome_trace_of_the_model_ops(profiled):
     assert abs(sum(o["share"] for o in prof["ops"]) - 1) < 1e-9
 
 
-@pytest.mark.skipif(not _installed("openvino"), reason="the openvino extra is not installed")
+@pytest.mark.skipif(not edge_installed("openvino"), reason="the openvino extra is not installed")
 def test_openvino_profile_is_its_performance_counters(profiled):
     p, out, res = profiled
     prof = _profile(res, "export openvino:fp32")
@@ -104,7 +95,7 @@ def test_openvino_profile_is_its_performance_counters(profiled):
     assert sum(float(r[1].rstrip("%")) for r in printed) <= 100 + 0.05 * len(printed)  # each rounded to 0.1
 
 
-@pytest.mark.skipif(not _installed("executorch"), reason="the executorch extra is not installed")
+@pytest.mark.skipif(not edge_installed("pte"), reason="the executorch extra is not installed")
 def test_executorch_profile_is_an_etdump_or_says_why_not(profiled):
     p, out, res = profiled
     prof = _profile(res, "export pte:fp32")
@@ -128,7 +119,7 @@ def test_executorch_profile_is_an_etdump_or_says_why_not(profiled):
     assert sum(float(r[1].rstrip("%")) for r in printed) <= 100 + 0.05 * len(printed)  # each rounded to 0.1
 
 
-@pytest.mark.skipif(not _installed("litert"), reason="the litert extra is not installed")
+@pytest.mark.skipif(not edge_installed("tflite"), reason="the litert extra is not installed")
 def test_litert_row_says_why_it_has_no_profile(profiled):
     p, out, res = profiled
     prof = _profile(res, "export tflite:fp32")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CLI_ENV, REPO, Pipeline, cli, copy_of, edgecli, write_config
+from tests.conftest import CLI_ENV, REPO, Pipeline, cli, copy_of, edge_installed, edgecli, write_config
 
 # target -> (runtime, file, pip distribution that carries the runtime's version, extra)
 TARGETS = {
@@ -32,25 +32,15 @@ TARGETS = {
 EDGE = ["tflite", "pte", "openvino"]
 
 
-def _installed(target: str) -> bool:
-    from edgecli import runtimes
-
-    return runtimes.get(TARGETS[target][0]).unavailable() is None
-
-
-needs = {t: pytest.mark.skipif(not _installed(t), reason=f"the {TARGETS[t][3]} extra is not installed "
+needs = {t: pytest.mark.skipif(not edge_installed(t), reason=f"the {TARGETS[t][3]} extra is not installed "
                                f"(make install installs it)") for t in EDGE}
 edge_params = [pytest.param(t, marks=needs[t]) for t in EDGE]
 
 
 @pytest.fixture(scope="module")
-def pipe(trained_cnn, tmp_path_factory) -> Pipeline:
+def pipe(exported_edge, tmp_path_factory) -> Pipeline:
     """The session CNN exported to every target installed here, plus 200 test-split digits as PNGs."""
-    p = copy_of(trained_cnn, tmp_path_factory.mktemp("runtimes") / "pipe")
-    p.cfg["export"] = {"targets": ["onnx", "ort", *[t for t in EDGE if _installed(t)]]}
-    write_config(p.config, p.cfg)
-    r = cli("export", "-c", str(p.config), "-q", cwd=p.dir)
-    assert r.returncode == 0, r.stderr
+    p = copy_of(exported_edge, tmp_path_factory.mktemp("runtimes") / "pipe")
     spec = importlib.util.spec_from_file_location("sample_digits", REPO / "scripts" / "sample_digits.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -136,7 +126,7 @@ def test_bench_gives_each_runtime_its_row(pipe, tmp_path):
     rows = {row["model"]: row for row in res["rows"]}
     onnx = rows.pop("export")
     card = {t["target"]: t for t in _card(p)["targets"]}
-    want = {f"export {t}:fp32" for t in EDGE if _installed(t)}
+    want = {f"export {t}:fp32" for t in EDGE if edge_installed(t)}
     assert set(rows) == want, list(rows)
     for label, row in rows.items():
         target = label.split()[1].split(":")[0]
@@ -153,7 +143,7 @@ def test_bench_runtimes_names_the_targets_that_get_a_row(pipe, wanted):
     from edgecli.runtimes.targets import bench_entries
 
     for name in wanted:
-        if name != "onnxruntime" and not _installed(next(t for t in EDGE if TARGETS[t][0] == name)):
+        if name != "onnxruntime" and not edge_installed(next(t for t in EDGE if TARGETS[t][0] == name)):
             pytest.skip(f"{name} is not installed")
     entries, notes = bench_entries(pipe.run_dir / "export", wanted)
     assert [e["runtime"] for e in entries] == [w for w in wanted if w != "onnxruntime"] and notes == []
@@ -325,7 +315,7 @@ def test_bench_and_infer_refuse_a_target_file_or_card_changed_after_export(pipe,
 @pytest.mark.parametrize("target", ["tflite:int8", "pte:int8", "openvino:int8-weights", "openvino:int8"])
 def test_int8_targets_hold_the_accuracy_gate_and_infer(pipe, ort_top1, tmp_path, target):
     name, _, prec = target.partition(":")
-    if not _installed(name):
+    if not edge_installed(name):
         pytest.skip(f"the {TARGETS[name][3]} extra is not installed")
     p = copy_of(pipe, tmp_path / "pipe")
     r = cli("export", "-c", str(p.config), "-q", "--set", f"export.targets=[onnx,{target}]", cwd=p.dir)

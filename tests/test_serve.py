@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -24,8 +25,9 @@ import pytest
 from tests.conftest import REPO, Pipeline, write_config
 
 httpx = pytest.importorskip("httpx")
-pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
+# find_spec: importing uvicorn at collection would cost every xdist worker its import
+pytestmark = pytest.mark.skipif(not all(find_spec(m) for m in ("uvicorn", "prometheus_client")),
+                                reason="needs the serve extra (pip install -e '.[serve]')")
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
