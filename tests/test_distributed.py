@@ -105,7 +105,7 @@ def test_killing_one_rank_ends_the_run_then_resume_finishes(tmp_path):
     logs = tmp_path / "logs"
     timeout_s = 20
     args = ["train", "-c", CFG, "--set", f"artifacts_dir={art}", "--set", f"train.epochs={EPOCHS}",
-            "--set", "train.batch_size=16", "--set", "train.early_stopping=null",
+            "--set", "train.batch_size=32", "--set", "train.early_stopping=null",
             "--set", f"train.dist_timeout_s={timeout_s}", "-q"]
     cmd, env = _torchrun(args, logs)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

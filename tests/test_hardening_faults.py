@@ -23,7 +23,7 @@ import pytest
 
 from edgecli.artifacts import ArtifactStore
 from edgecli.errors import EdgeError
-from tests.conftest import edgecli, tiny_config, write_config
+from tests.conftest import cli, edgecli, tiny_config, write_config
 from tests.test_hardening_config import assert_user_error, snapshot
 
 
@@ -70,7 +70,7 @@ def _kill_train_then_resume(tmp_path: Path, seed: int, *, republish: bool) -> No
     cfg = tiny_config("k", art, train={"epochs": 4, "batch_size": 64, "lr": 0.004})
     path = write_config(tmp_path / "c.yaml", cfg)
     if republish:  # a good stage exists; a killed --force rerun must leave it intact
-        r = edgecli("train", "-c", str(path), "-q", cwd=tmp_path)
+        r = cli("train", "-c", str(path), "-q", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         before = json.loads((art / "k/train/manifest.json").read_text())
     proc = _popen("train", "-c", str(path), "-q", *(["--force"] if republish else []), cwd=tmp_path)
@@ -84,7 +84,7 @@ def _kill_train_then_resume(tmp_path: Path, seed: int, *, republish: bool) -> No
         now = json.loads((run / "train/manifest.json").read_text())
         assert now["fingerprint"] == before["fingerprint"]
     lock = json.loads((run / ".lock").read_text() or "{}") if (run / ".lock").is_file() else {}
-    r = edgecli("train", "-c", str(path), "--resume", cwd=tmp_path)  # not -q: the reclaim note is a status line
+    r = cli("train", "-c", str(path), "--resume", cwd=tmp_path)  # not -q: the reclaim note is a status line
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     # (a skipped stage does not print the note: run_stage returns before adding it)
@@ -167,7 +167,7 @@ def _kill_stage_then_rerun(pipe, stage: str, seed: int) -> None:
     proc.communicate()
     _assert_consistent(art, name)
     assert ArtifactStore(art, name).verify("train"), "a killed later stage touched train/"
-    r = edgecli(stage, "-c", str(pipe.config), "-q", cwd=pipe.dir)
+    r = cli(stage, "-c", str(pipe.config), "-q", cwd=pipe.dir)
     assert r.returncode == 0, r.stderr
     assert ArtifactStore(art, name).verify(stage)
     assert _leftovers(art / name) == []
@@ -179,7 +179,7 @@ def test_sigkill_during_compress_and_export(trained_cnn, copy_pipeline, stage, s
     pipe.cfg["compress"] = {"steps": [{"quantize": {"mode": "static", "calibration": {"samples": 64}}}]}
     write_config(pipe.config, pipe.cfg)
     if stage == "export":  # a published compress stage feeds export
-        r = edgecli("compress", "-c", str(pipe.config), "-q", cwd=pipe.dir)
+        r = cli("compress", "-c", str(pipe.config), "-q", cwd=pipe.dir)
         assert r.returncode == 0, r.stderr
     _kill_stage_then_rerun(pipe, stage, seed)
 
@@ -282,7 +282,7 @@ def test_real_disk_full_mid_stage_keeps_the_published_stage(tmp_path, trained_cn
         free = st.f_bavail * st.f_frsize
         (disk / "filler").write_bytes(b"\0" * max(0, free - 20_000))
         before = snapshot(disk / "tiny" / "train")
-        r = edgecli("train", "-c", str(path), "--force", "-q", "--set", "train.epochs=1", cwd=tmp_path)
+        r = cli("train", "-c", str(path), "--force", "-q", "--set", "train.epochs=1", cwd=tmp_path)
         assert r.returncode in (1, 2), r.stderr
         assert "Traceback" not in r.stderr
         assert "No space left on device" in r.stderr or "disk full" in r.stderr
@@ -300,7 +300,7 @@ def test_read_only_artifacts_directory_is_detected_before_training(tmp_path):
         (tmp_path / "ro").chmod(0o555)
         ctx = contextlib.nullcontext()
     with ctx:
-        r = edgecli("train", "-c", str(path), cwd=tmp_path)
+        r = cli("train", "-c", str(path), cwd=tmp_path)
         assert_user_error(r, 2, "usage error", f"artifacts directory {tmp_path / 'ro'} is not writable")
         assert "epoch" not in r.stderr
     (tmp_path / "ro").chmod(0o755)
@@ -310,6 +310,6 @@ def test_artifacts_dir_that_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     path = write_config(tmp_path / "c.yaml", tiny_config("f", tmp_path / "afile" / "sub"))
     before = snapshot(tmp_path)
-    r = edgecli("train", "-c", str(path), cwd=tmp_path)
+    r = cli("train", "-c", str(path), cwd=tmp_path)
     assert_user_error(r, 2, "usage error", "is not a directory; set artifacts_dir to a directory")
     assert snapshot(tmp_path) == before
