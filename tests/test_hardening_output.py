@@ -47,8 +47,11 @@ def pipe(trained_cnn, tmp_path_factory):
     d = tmp_path_factory.mktemp("out")
     shutil.copytree(trained_cnn.dir, d / "p")
     cfg = dict(trained_cnn.cfg, artifacts_dir=str(d / "p" / "artifacts"),
-               compress={"steps": [{"quantize": {"mode": "static", "force": True, "calibration": {"samples": 32}}}]},
-               bench={"warmup": 2, "runs": 5, "torch_baseline": False, "batch_sizes": [1], "threads": [1]},
+               # objective size: no latency confirmation, and one bench model: the output is under test here
+               compress={"steps": [{"quantize": {"mode": "static", "force": True, "calibration": {"samples": 32}}}],
+                         "objective": "size"},
+               bench={"warmup": 2, "runs": 5, "torch_baseline": False, "batch_sizes": [1], "threads": [1],
+                      "models": ["export"]},
                export={"ort_format": False})
     return Pipeline(d / "p", write_config(d / "p" / "config.yaml", cfg), cfg)
 
