@@ -83,9 +83,9 @@ def fp16(src: Path, dst: Path) -> Path:
 
 
 def int4(src: Path, dst: Path) -> Path:
-    from edgecli.compression.quantize_modes import quantize_int4_file
+    from edgecli.compression.quantize_modes import quantize_nbits_file
 
-    quantize_int4_file(src, dst, block_size=32, symmetric=True, accuracy_level=4)
+    quantize_nbits_file(src, dst, bits=4, block_size=32, symmetric=True, accuracy_level=4)
     return dst
 
 

@@ -170,33 +170,22 @@ def matmul_weight_nodes(model) -> list[str]:
             if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
 
 
-def quantize_int4_file(src: Path, dst: Path, *, block_size: int, symmetric: bool, accuracy_level: int | None,
-                       nodes_to_exclude=()) -> None:
+def quantize_nbits_file(src: Path, dst: Path, *, bits: int, block_size: int, symmetric: bool,
+                        accuracy_level: int | None, nodes_to_exclude=()) -> None:
+    """INT4 or INT8 weights (``bits``) of every MatMul with a constant 2-D weight: MatMulNBits, blocked scales.
+
+    Activations are not quantized ahead of time: on an external MiniLM, INT8 weights kept min cosine
+    0.997 (block 128) where dynamic INT8 kept 0.979 and static 0.23 (MEASURED.md). An INT8 model whose
+    accuracy level is unset gets INT8_WO_ACCURACY_LEVEL."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     m = onnx.load(str(src))
+    if bits == 8 and accuracy_level is None:
+        accuracy_level = INT8_WO_ACCURACY_LEVEL
     with quiet_ort():
-        q = MatMulNBitsQuantizer(m, bits=4, block_size=block_size, is_symmetric=symmetric,
+        q = MatMulNBitsQuantizer(m, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                  accuracy_level=accuracy_level, nodes_to_exclude=list(nodes_to_exclude))
-        q.process()
-    onnx.save(q.model.model, str(dst))
-
-
-def quantize_int8_weight_only_file(src: Path, dst: Path, *, block_size: int, symmetric: bool,
-                                   accuracy_level: int | None, nodes_to_exclude=()) -> None:
-    """INT8 weights of every MatMul with a constant 2-D weight (MatMulNBits bits=8, blocked scales).
-
-    Activations are not quantized ahead of time: on an external MiniLM it kept min cosine 0.997
-    (block 128) where dynamic INT8 kept 0.979 and static 0.23 (MEASURED.md)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    m = onnx.load(str(src))
-    level = INT8_WO_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-    with quiet_ort():
-        q = MatMulNBitsQuantizer(m, bits=8, block_size=block_size, is_symmetric=symmetric,
-                                 accuracy_level=level, nodes_to_exclude=list(nodes_to_exclude))
         q.process()
     onnx.save(q.model.model, str(dst))
 
@@ -283,15 +272,12 @@ def _build_fp16(s: Sources, q: QuantizeConfig, dst: Path) -> None:
     convert_fp16_file(s.src, dst, q.nodes_to_exclude)
 
 
-def _build_int4(s: Sources, q: QuantizeConfig, dst: Path) -> None:
-    # the input as given: pre-processing fuses MatMul+Add into Gemm, which MatMulNBits cannot take
-    quantize_int4_file(s.src, dst, block_size=q.block_size, symmetric=q.symmetric,
-                       accuracy_level=q.accuracy_level, nodes_to_exclude=q.nodes_to_exclude)
-
-
-def _build_int8_weight_only(s: Sources, q: QuantizeConfig, dst: Path) -> None:
-    quantize_int8_weight_only_file(s.src, dst, block_size=q.block_size, symmetric=q.symmetric,
-                                   accuracy_level=q.accuracy_level, nodes_to_exclude=q.nodes_to_exclude)
+def _build_nbits(bits: int):
+    def build(s: Sources, q: QuantizeConfig, dst: Path) -> None:
+        # the input as given: pre-processing fuses MatMul+Add into Gemm, which MatMulNBits cannot take
+        quantize_nbits_file(s.src, dst, bits=bits, block_size=q.block_size, symmetric=q.symmetric,
+                            accuracy_level=q.accuracy_level, nodes_to_exclude=q.nodes_to_exclude)
+    return build
 
 
 def _static_record(q: QuantizeConfig) -> dict:
@@ -309,8 +295,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("dynamic", lambda q: "dynamic" + (" per-channel" if q.per_channel else ""), _build_dynamic, False, _always,
          lambda q: {"per_channel": q.per_channel, "reduce_range": q.reduce_range, "op_types": q.op_types}),
     Mode("fp16", lambda q: "fp16", _build_fp16, False, _always, lambda q: {"keep_io_types": True}),
-    Mode("int4_weight_only", lambda q: "int4 weight-only", _build_int4, False, _needs_matmul_weights,
+    Mode("int4_weight_only", lambda q: "int4 weight-only", _build_nbits(4), False, _needs_matmul_weights,
          _weight_only_record),
-    Mode("int8_weight_only", lambda q: "int8 weight-only", _build_int8_weight_only, False, _needs_matmul_weights,
+    Mode("int8_weight_only", lambda q: "int8 weight-only", _build_nbits(8), False, _needs_matmul_weights,
          _weight_only_record),
 )}
