@@ -291,18 +291,12 @@ class QuantizeJob:
     # ----------------------------------------------------------------- plan
     def _plan(self, model) -> list[Candidate]:
         o = self.opts
-        if o.mode != "auto":
-            mode = MODES[o.mode]
-            c = Candidate(mode.label(o), o)
-            why = mode.applies(model)
-            if why:
-                c.applicable, c.reason = False, f"not applicable: {why}"
-            return [c]
-        cands = self._auto_plan(model)
+        auto = o.mode == "auto"
+        cands = self._auto_plan(model) if auto else [Candidate(MODES[o.mode].label(o), o)]
         for c in cands:  # a mode that cannot run on this graph is listed, not tried
             why = MODES[c.mode].applies(model)
             if why and c.applicable:
-                c.applicable, c.reason = False, f"not tried: {why}"
+                c.applicable, c.reason = False, f"{'not tried' if auto else 'not applicable'}: {why}"
         return cands
 
     def _auto_plan(self, model) -> list[Candidate]:
