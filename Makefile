@@ -16,13 +16,14 @@ EXTRAS ?= dev,text,privacy,serve,litert,executorch,openvino
 
 install: $(VENV)/.installed
 
-# pip byte-compiles on one core (--no-compile), compileall on every core (2 cores: 190 s -> 140 s).
-# (`|| true`: a few example files vendored in litert-torch do not compile, which pip ignores as well.)
+# pip byte-compiles on one core (--no-compile), compileall on every core and skips the packages' own test
+# folders, which nothing imports (2 cores: 190 s -> 125 s). `|| true`: a few example files vendored in
+# litert-torch do not compile, which pip ignores as well.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --no-compile $(TORCH_SPEC)
 	$(BIN)/pip install -q --disable-pip-version-check --no-compile -e '.[$(EXTRAS)]'
-	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
+	$(BIN)/python -m compileall -qq -j 0 -x '/tests?/' $(VENV)/lib || true
 	touch $@
 
 run: install
