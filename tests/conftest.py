@@ -22,11 +22,11 @@ The tiers (pick the cheapest one that can see the behaviour under test):
 
 The suite runs under pytest-xdist (``-n auto --dist loadfile``, set in pyproject.toml): one worker per
 core, each test file on one worker (the longest files first), so a module-scoped fixture runs once and
-the session ones once per worker. test_runtimes and test_profile
-share a group: both start from ``exported_edge``, whose converters (LiteRT, ExecuTorch, OpenVINO) take
-~10 s to import. Each worker (and every process it starts) gets one OpenMP thread unless OMP_NUM_THREADS is set:
-with a worker per core, a second thread per worker only contends (a tiny DP-SGD step ran 20x slower with
-two threads on a busy 2-vCPU machine). ``-n 0`` runs the suite in this process, with the library's
+the session ones once per worker. test_runtimes and test_profile share a worker: both start from
+``exported_edge``, whose converters (LiteRT, ExecuTorch, OpenVINO) take ~10 s to import. Each worker (and
+every process it starts) gets one OpenMP thread unless OMP_NUM_THREADS is set: with a worker per core, a
+second thread per worker only contends (a tiny DP-SGD step ran 20x slower with two threads on a busy
+2-vCPU machine). ``-n 0`` runs the suite in this process, with the library's
 default threads.
 
 Fixtures that train (``trained_cnn`` here, the module-scoped ones in test files) train once into a
@@ -45,6 +45,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from edgecli.runtimes.targets import BACKEND_TARGET, TARGETS  # no torch: OMP_NUM_THREADS below still applies
 
 REPO = Path(__file__).resolve().parents[1]
 if os.environ.get("PYTEST_XDIST_WORKER"):  # set before torch is first imported in this worker
@@ -177,13 +179,13 @@ def trained_cnn(tmp_path_factory) -> Pipeline:
     return Pipeline(d, cfg_path, cfg)
 
 
-EDGE_TARGETS = {"tflite": "litert", "pte": "executorch", "openvino": "openvino"}  # export target -> runtime
+EDGE_TARGETS = list(BACKEND_TARGET.values())  # tflite, pte, openvino: the runtime layer's own table
 
 
 def edge_installed(target: str) -> bool:
     from edgecli import runtimes
 
-    return runtimes.get(EDGE_TARGETS[target]).unavailable() is None
+    return runtimes.get(TARGETS[target][0]).unavailable() is None
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,6 @@ BATCH = 4
 CONVS = 3  # tiny_config's CNN: channels [16, 32, 32], one linear classifier
 
 
-EDGE = EDGE_TARGETS
-
-
 @pytest.fixture(scope="module")
 def profiled(exported_edge, tmp_path_factory) -> tuple[Pipeline, str, dict]:
     """(the pipeline, the output of `edgecli bench --profile`: tables on stdout then notes on stderr, results.json)."""
@@ -57,7 +54,7 @@ def _profile(results: dict, model: str) -> dict:
 
 def test_every_model_benched_gets_a_profile_record(profiled):
     _, _, res = profiled
-    want = {"export"} | {f"export {t}:fp32" for t in EDGE if edge_installed(t)}
+    want = {"export"} | {f"export {t}:fp32" for t in EDGE_TARGETS if edge_installed(t)}
     assert {p["model"] for p in res["profiles"]} == want
     # the timed rows are measured as without --profile: the profile runs are workers of their own
     assert {r["model"] for r in res["rows"]} == want and all(r["runs"] >= 30 for r in res["rows"])

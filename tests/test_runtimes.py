@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import CLI_ENV, REPO, Pipeline, cli, copy_of, edge_installed, edgecli, write_config
+from tests.conftest import EDGE_TARGETS as EDGE
 
 # target -> (runtime, file, pip distribution that carries the runtime's version, extra)
 TARGETS = {
@@ -29,7 +30,6 @@ TARGETS = {
     "pte": ("executorch", "model.pte", "executorch", "executorch"),
     "openvino": ("openvino", "model.xml", "openvino", "openvino"),
 }
-EDGE = ["tflite", "pte", "openvino"]
 
 
 needs = {t: pytest.mark.skipif(not edge_installed(t), reason=f"the {TARGETS[t][3]} extra is not installed "
