@@ -458,7 +458,8 @@ class QuantizeJob:
                 failed_constraint = guard
             else:
                 failed_constraint = max(set(fails), key=fails.count) if fails else "none"
-            verdict = f"kept FP32 input: no candidate held {failed_constraint}"
+            verdict = ("kept FP32 input: " + (f"no candidate held {failed_constraint}" if tried
+                                              else failed_constraint))
             if tried:
                 best_rejected = max(tried, key=lambda c: (c.score or 0.0, -(c.p50_ms or 0)))
         return QuantizeOutcome(chosen, cands, base, verdict, failed_constraint, self.sensitivity, self.notes,
